@@ -1,0 +1,1 @@
+"""fxptqat: hybrid PTQ + QAT for PyTorch as torch.fx graph passes."""

@@ -1,0 +1,1 @@
+"""Graph passes of fxptqat, installed as ``fxptqat.passes``."""
