@@ -1,0 +1,342 @@
+"""Public pipeline: prepare -> calibrate -> measure_error -> select_trainable -> finetune -> lower.
+
+This module composes the passes; passes never call each other. Every call checks its stage and
+inputs at the boundary and raises a typed :class:`fxptqat.FxptqatError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import traceback
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
+from fxptqat.passes.insert_fake_quant import insert_fake_quant
+from fxptqat.passes.mark_trainable import mark_trainable
+
+from . import meta
+from .config import QuantConfig, check_finite
+from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError, TraceError
+from .inputs import as_args, iter_batches
+from .interpreter import CheckedInterpreter, ErrorRecorder
+from .lowering import convert
+from .parity import Capture, ParityReport, ParityRow, observed_points
+from .report import ErrorReport, ErrorRow
+from .selection import Adaptive, Selection, Threshold
+
+__all__ = [
+    "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
+    "trace",
+]
+
+log = logging.getLogger(__name__)
+_NEXT = {
+    meta.Stage.PREPARED: "calibrate",
+    meta.Stage.CALIBRATED: "measure_error",
+    meta.Stage.MEASURED: "select_trainable",
+}
+
+
+# -- tracing --------------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: tuple) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self.leaf_types = tuple(m for m in leaves if isinstance(m, type))
+        self.leaf_names = {m for m in leaves if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc: BaseException) -> str:
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
+
+
+def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
+    """Symbolically trace ``model`` (not copied here) with source lines recorded."""
+    tracer = _Tracer(config.leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=dict(config.concrete_args or {}) or None)
+    except Exception as e:
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}{_user_frame(e)}: {type(e).__name__}: {e}. "
+            "Data-dependent control flow and unsupported Python cannot be traced: mark the submodule "
+            "that contains it as a leaf (QuantConfig(leaf_modules=(MyBlock,))) or fix the branch with "
+            "QuantConfig(concrete_args={'flag': True})."
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# -- stage checks ---------------------------------------------------------------------------------
+def _require(qat, at_least: meta.Stage, call: str) -> meta.GraphInfo:
+    info = meta.graph_info(qat) if isinstance(qat, fx.GraphModule) else None
+    if info is None:
+        raise StageError(
+            f"{call}() needs the GraphModule returned by fxptqat.prepare(), got {type(qat).__name__}. "
+            "Call qat = fxptqat.prepare(model, example_inputs) first."
+        )
+    if info.stage < at_least:
+        raise StageError(
+            f"{call}() needs a {at_least.name.lower()} graph but this one is only "
+            f"{info.stage.name.lower()}: call fxptqat.{_NEXT[info.stage]}() first."
+        )
+    return info
+
+
+# -- pipeline -------------------------------------------------------------------------------------
+def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = None) -> fx.GraphModule:
+    """Trace a copy of ``model`` and insert fake-quant; ``model`` itself is never mutated."""
+    config = QuantConfig() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"prepare(): config must be a fxptqat.QuantConfig, got {type(config).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"prepare(): model must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(model, fx.GraphModule) and meta.graph_info(model) is not None:
+        raise StageError("prepare(): this GraphModule is already prepared; pass the original float model.")
+    example_inputs = as_args(example_inputs, what="prepare(): example_inputs")
+    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise InputError(
+            "prepare(): example_inputs must be tensors, got "
+            f"{[type(x).__name__ for x in example_inputs]}."
+        )
+    work = copy.deepcopy(model)
+    gm = trace(work, config)
+    with torch.no_grad():
+        CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
+    insert_fake_quant(gm, config=config, example_inputs=example_inputs)
+    gm.graph.lint()
+    return gm.eval()
+
+
+def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
+    """PTQ: observe min/max over ``batches`` (float network), then freeze every quantizer.
+
+    Returns the number of batches seen.
+    """
+    info = _require(qat, meta.Stage.PREPARED, "calibrate")
+    if info.stage > meta.Stage.PREPARED:
+        raise StageError("calibrate(): this graph is already calibrated; call prepare() again to start over.")
+    was_training = qat.training
+    observe_only(qat)
+    qat.eval()
+    runner = CheckedInterpreter(qat, what="calibrate")
+    seen = 0
+    try:
+        with torch.no_grad():
+            for args in iter_batches(batches, qat, what="calibrate()"):
+                runner.run(*args)
+                seen += 1
+    finally:
+        qat.train(was_training)
+    if seen == 0:
+        raise CalibrationError("calibrate(): the batches were empty; give at least one batch of real inputs.")
+    freeze_quantizers(qat)
+    meta.update_graph_info(qat, stage=meta.Stage.CALIBRATED)
+    log.info("calibrated on %d batches", seen)
+    return seen
+
+
+def measure_error(qat: fx.GraphModule, batches: Iterable) -> ErrorReport:
+    """Isolated and propagated error of every quantized node, streamed over ``batches``."""
+    info = _require(qat, meta.Stage.CALIBRATED, "measure_error")
+    was_training = qat.training
+    qat.eval()
+    recorder = ErrorRecorder(qat)
+    seen = samples = 0
+    try:
+        with torch.no_grad():
+            for args in iter_batches(batches, qat, what="measure_error()"):
+                recorder.run(*args)
+                seen += 1
+                samples += int(args[0].shape[0]) if args[0].dim() else 1
+    finally:
+        qat.train(was_training)
+    if seen == 0:
+        raise CalibrationError("measure_error(): the batches were empty; give at least one batch.")
+    rows = []
+    for node, ninfo in meta.quantized_nodes(qat):
+        iso, prop = recorder.isolated[node.name].result(), recorder.propagated[node.name].result()
+        meta.update_node_info(node, isolated=iso, propagated=prop)
+        rows.append(ErrorRow(node.name, ninfo.source, ninfo.module_type, ninfo.params, iso, prop))
+    if info.stage < meta.Stage.MEASURED:
+        meta.update_graph_info(qat, stage=meta.Stage.MEASURED)
+    return ErrorReport(rows=tuple(rows), graph_id=info.graph_id, batches=seen, samples=samples)
+
+
+def select_trainable(
+    qat: fx.GraphModule,
+    report: ErrorReport,
+    *,
+    policy=None,
+    bn_stats: str = "frozen",
+    float_params: str = "frozen",
+) -> Selection:
+    """Apply a policy (default: PTQAT, ``Threshold(0.01)``) and mark trainable/frozen nodes."""
+    info = _require(qat, meta.Stage.CALIBRATED, "select_trainable")
+    if not isinstance(report, ErrorReport):
+        raise SelectionError(f"select_trainable(): report must be an ErrorReport, got {type(report).__name__}.")
+    if report.graph_id != info.graph_id:
+        raise SelectionError(
+            "select_trainable(): the report was measured on another graph (graph ids differ); "
+            "call fxptqat.measure_error() on this graph and pass its report."
+        )
+    policy = Threshold() if policy is None else policy
+    if not callable(getattr(policy, "choose", None)):
+        raise ConfigError(
+            f"select_trainable(): policy {policy!r} has no choose(rows) method; use fxptqat.Threshold, "
+            "Fraction, Count, Random, AllLayers, NoLayers or Adaptive."
+        )
+    chosen = set(policy.choose(report.rows))
+    return apply_selection(qat, chosen, policy=repr(policy), bn_stats=bn_stats, float_params=float_params,
+                           theta=policy.theta(report.rows) if isinstance(policy, Adaptive) else None)
+
+
+def apply_selection(
+    qat: fx.GraphModule, trainable: set[str], *, policy: str, bn_stats: str = "frozen",
+    float_params: str = "frozen", theta: float | None = None,
+) -> Selection:
+    """Mark ``trainable`` (node names) trainable, freeze the rest, and describe the result."""
+    info = _require(qat, meta.Stage.CALIBRATED, "apply_selection")
+    mark_trainable(qat, trainable=frozenset(trainable), bn_stats=bn_stats, float_params=float_params)
+    nodes = list(meta.quantized_nodes(qat))
+    if info.stage < meta.Stage.SELECTED:
+        meta.update_graph_info(qat, stage=meta.Stage.SELECTED)
+    return Selection(
+        trainable=tuple(n.name for n, _ in nodes if n.name in trainable),
+        frozen=tuple(n.name for n, _ in nodes if n.name not in trainable),
+        trainable_params=sum(p.numel() for p in qat.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in qat.parameters()),
+        policy=policy,
+        graph_id=info.graph_id,
+        sources={n.name: i.source for n, i in nodes},
+        theta=theta,
+    )
+
+
+def finetune(
+    qat: fx.GraphModule,
+    loader: Iterable,
+    loss_fn: Callable,
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    optimizer: str = "adam",
+    progress: bool = True,
+) -> list[float]:
+    """Minimal QAT loop: ``steps`` optimizer steps on the parameters that require grad.
+
+    Each batch is ``(*inputs, target)``; the loader is cycled if it runs out. Returns the losses.
+    """
+    _require(qat, meta.Stage.CALIBRATED, "finetune")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"finetune(): steps must be a positive int, got {steps!r}.")
+    lr = check_finite("finetune", "lr", lr, minimum=0.0)
+    params = [p for p in qat.parameters() if p.requires_grad]
+    if not params:
+        raise SelectionError("finetune(): no parameter requires grad (NoLayers selection?); nothing to train.")
+    if optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    else:
+        raise ConfigError(f"finetune(): optimizer={optimizer!r}; choose 'adam' or 'sgd'.")
+    from tqdm.auto import tqdm
+
+    losses: list[float] = []
+    qat.train()
+    bar = tqdm(total=steps, desc="QAT fine-tune", disable=not progress, leave=False)
+    try:
+        while len(losses) < steps:
+            fed = False
+            for batch in loader:
+                fed = True
+                *inputs, target = as_args(batch, what="finetune(): batch")
+                loss = loss_fn(qat(*inputs), target)
+                if not math.isfinite(float(loss)):
+                    raise CalibrationError(f"finetune(): loss became {float(loss)} at step {len(losses)}; lower lr.")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if len(losses) >= steps:
+                    break
+            if not fed:
+                raise InputError("finetune(): the loader yielded no batch.")
+    finally:
+        bar.close()
+        qat.eval()
+    return losses
+
+
+def lower(qat: fx.GraphModule) -> fx.GraphModule:
+    """INT8 GraphModule (torch.ao convert_fx) computing what the fake-quant graph simulated."""
+    info = _require(qat, meta.Stage.CALIBRATED, "lower")
+    int8 = convert(qat, info.config)
+    qmin, qmax = info.config.weight_qrange
+    clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    return int8
+
+
+def check_parity(
+    qat: fx.GraphModule, int8: fx.GraphModule, batches: Iterable, *, tolerance_lsb: float = 1.0
+) -> ParityReport:
+    """Compare fake-quant and INT8 node by node at every weighted node's output."""
+    _require(qat, meta.Stage.CALIBRATED, "check_parity")
+    tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
+    if not isinstance(int8, nn.Module):
+        raise InputError(f"check_parity(): int8 must be the module lower() returned, got {type(int8).__name__}.")
+    points = observed_points(qat)
+    int8_names = {n.name for n in int8.graph.nodes} if isinstance(int8, fx.GraphModule) else set()
+    worst: dict[str, list[float]] = {}  # name -> [max_abs, off_count, count, ref_range]
+    out_max, agree, samples = 0.0, 0, 0
+    was_training = qat.training
+    qat.eval()
+    try:
+        with torch.no_grad():
+            for args in iter_batches(batches, qat, what="check_parity()"):
+                qcap = Capture(qat, {p for p, _ in points.values()}, what="check_parity (fake-quant)")
+                icap = Capture(int8, set(points) & int8_names, what="check_parity (INT8)")
+                q_out, i_out = qcap.run(*args), icap.run(*args)
+                for name, (point, scale) in points.items():
+                    if name not in icap.values:
+                        continue
+                    a, b = qcap.values[point], icap.values[name]
+                    diff = (a - b).abs()
+                    step = scale if scale else 1e-4 * float(a.abs().max() + 1e-12)
+                    w = worst.setdefault(name, [0.0, 0, 0, 0.0])
+                    w[0] = max(w[0], float(diff.max()))
+                    w[1] += int((diff > step * 1.001).sum())
+                    w[2] += diff.numel()
+                    w[3] = max(w[3], float(a.abs().max()))
+                if isinstance(q_out, torch.Tensor) and isinstance(i_out, torch.Tensor):
+                    i_out = i_out.dequantize() if i_out.is_quantized else i_out
+                    out_max = max(out_max, float((q_out - i_out).abs().max()))
+                    if q_out.dim() == 2:
+                        agree += int((q_out.argmax(1) == i_out.argmax(1)).sum())
+                        samples += q_out.shape[0]
+    finally:
+        qat.train(was_training)
+    rows = []
+    for name, (_, scale) in points.items():
+        if name not in worst:
+            continue
+        max_abs, off, count, ref_range = worst[name]
+        tol = tolerance_lsb * scale * 1.001 if scale else 1e-4 * ref_range + 1e-6
+        rows.append(ParityRow(name, scale, tol, max_abs, max_abs / scale if scale else None, off / max(count, 1)))
+    return ParityReport(tuple(rows), out_max, agree / samples if samples else None, samples)

@@ -1,0 +1,122 @@
+"""Validated, keyword-only configuration dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import ConfigError
+
+__all__ = ["QuantConfig", "ENGINES", "strict_options", "check_finite"]
+
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+
+
+def strict_options(cls):
+    """Class decorator: unknown keyword arguments raise ConfigError with a "did you mean"."""
+    init = cls.__init__
+    names = [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{cls.__name__} has no option {key!r}.{hint} Valid options: {', '.join(names)}."
+                )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+def check_finite(owner: str, name: str, value: Any, *, minimum: float | None = None) -> float:
+    """Return ``value`` as float, or raise ConfigError if it is not a finite number >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{owner}: {name} must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name} must be finite, got {value}.")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{owner}: {name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def _choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{owner}: {name}={value!r} is not supported.{hint} Choose one of {allowed}.")
+
+
+@strict_options
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How to quantize a model.
+
+    weight_bits: 2-8; weights are symmetric with a restricted range ``[-(2**(b-1) - 1), 2**(b-1) - 1]``
+        so that the INT8 lowering holds exactly the simulated grid.
+    act_bits: 8 (asymmetric per-tensor uint8) or None (weight-only, activations stay float).
+    per_channel: per-output-channel weight scales (default) or one scale per tensor.
+    engine: torch.ao backend: "x86" (default), "fbgemm", "onednn" or "qnnpack".
+    reduce_range: use 7-bit activations (needed on CPUs without VNNI for fbgemm/x86 kernels).
+    leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
+    concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
+    """
+
+    weight_bits: int = 8
+    act_bits: int | None = 8
+    per_channel: bool = True
+    engine: str = "x86"
+    reduce_range: bool = False
+    leaf_modules: tuple[type[nn.Module] | str, ...] = ()
+    concrete_args: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        owner = "QuantConfig"
+        if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int):
+            raise ConfigError(f"{owner}: weight_bits must be an int in 2..8, got {self.weight_bits!r}.")
+        if not 2 <= self.weight_bits <= 8:
+            raise ConfigError(
+                f"{owner}: weight_bits={self.weight_bits} is out of range; fxptqat lowers to INT8 "
+                "kernels, so weights take 2 to 8 bits."
+            )
+        if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits != 8):
+            raise ConfigError(
+                f"{owner}: act_bits={self.act_bits!r} is not supported: use 8 (INT8 activations) "
+                "or None (weight-only, float activations)."
+            )
+        for name in ("per_channel", "reduce_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}.")
+        _choice(owner, "engine", self.engine, ENGINES)
+        leaves = tuple(self.leaf_modules)
+        for leaf in leaves:
+            if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
+                raise ConfigError(
+                    f"{owner}: leaf_modules holds {leaf!r}; give nn.Module subclasses or qualified "
+                    "module names such as 'backbone.block1'."
+                )
+        object.__setattr__(self, "leaf_modules", leaves)
+        if self.concrete_args is not None and not isinstance(self.concrete_args, Mapping):
+            raise ConfigError(f"{owner}: concrete_args must map argument names to values.")
+
+    @property
+    def weight_qrange(self) -> tuple[int, int]:
+        """The restricted symmetric integer range of weights."""
+        top = 2 ** (self.weight_bits - 1) - 1
+        return -top, top
+
+    @property
+    def act_qrange(self) -> tuple[int, int] | None:
+        if self.act_bits is None:
+            return None
+        return (0, 127) if self.reduce_range else (0, 255)

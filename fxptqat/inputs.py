@@ -1,0 +1,52 @@
+"""Normalising and checking example inputs and calibration batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.fx as fx
+
+from .errors import InputError
+
+__all__ = ["as_args", "iter_batches", "placeholders"]
+
+
+def placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def as_args(batch, *, what: str) -> tuple:
+    """A batch as a tuple of positional arguments: a tensor becomes ``(tensor,)``."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, list):
+        batch = tuple(batch)
+    if not isinstance(batch, tuple):
+        raise InputError(
+            f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}. "
+            "Wrap a single input as (x,); a dict batch must be unpacked by the caller."
+        )
+    return batch
+
+
+def iter_batches(batches: Iterable, gm: fx.GraphModule, *, what: str) -> Iterator[tuple]:
+    """Yield each batch as model arguments, trimmed to the model's inputs.
+
+    A batch may carry more items than the model takes (e.g. ``(x, y)`` from a DataLoader for a
+    model of one input): the extra trailing items (labels) are dropped.
+    """
+    if isinstance(batches, (torch.Tensor, str, bytes)) or not isinstance(batches, Iterable):
+        raise InputError(
+            f"{what}: expected an iterable of batches (a list of tuples, a DataLoader...), got "
+            f"{type(batches).__name__}. For one batch pass [batch]."
+        )
+    n_inputs = len(placeholders(gm))
+    for i, batch in enumerate(batches):
+        args = as_args(batch, what=f"{what}: batch {i}")
+        if len(args) < n_inputs:
+            raise InputError(
+                f"{what}: batch {i} has {len(args)} item(s) but the model takes {n_inputs} input(s) "
+                f"({', '.join(p.name for p in placeholders(gm))})."
+            )
+        yield args[:n_inputs]

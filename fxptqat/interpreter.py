@@ -1,0 +1,158 @@
+"""FX interpreters: a checked runner (calibration) and the streamed error recorder.
+
+Both follow ``torch/fx/passes/shape_prop.py``: they override ``run_node`` only. A failing node is
+reported by name and source line; a non-finite value by the first node that produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.fx as fx
+from torch.ao.quantization import FakeQuantizeBase
+from torch.ao.quantization.observer import ObserverBase
+from torch.fx.node import map_arg
+
+from . import meta
+from .errors import CalibrationError, InputError
+from .fake_quantize import FakeQuantize
+from .stats import RunningError
+
+__all__ = ["CheckedInterpreter", "ErrorRecorder"]
+
+
+def _where(node: fx.Node) -> str:
+    trace = node.stack_trace or node.meta.get("stack_trace")
+    line = ""
+    if trace:
+        last = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        line = f" (source: {' | '.join(last[-2:])})"
+    return f"node {node.name!r} ({node.op} {node.target}){line}"
+
+
+def _check_finite(node: fx.Node, value, path: str) -> None:
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+        origin = "an input batch" if node.op == "placeholder" else "the graph"
+        raise CalibrationError(
+            f"{path}: {_where(node)} produced NaN or Inf; it is the first such node, so the non-finite "
+            f"values come from {origin}. Clean the data (torch.nan_to_num) or fix the layer."
+        )
+
+
+def _is_quantizer(module) -> bool:
+    return isinstance(module, (FakeQuantizeBase, ObserverBase))
+
+
+class CheckedInterpreter(fx.Interpreter):
+    """Runs a graph; failures name the node; optionally rejects non-finite values."""
+
+    def __init__(self, gm: fx.GraphModule, *, check_finite: bool = True, what: str = "run"):
+        super().__init__(gm)
+        self.check_finite = check_finite
+        self.what = what
+
+    def run_node(self, n: fx.Node):
+        try:
+            value = super().run_node(n)
+        except (CalibrationError, InputError):
+            raise
+        except Exception as e:
+            raise InputError(
+                f"{self.what}: {_where(n)} failed: {type(e).__name__}: {e}. Check that the inputs have "
+                "the shapes and dtypes of the example inputs given to prepare()."
+            ) from e
+        if self.check_finite:
+            _check_finite(n, value, self.what)
+        return value
+
+
+class _Pair:
+    """Quantized value, float value, and (for a weighted node) its isolated quantized value."""
+
+    __slots__ = ("q", "f", "iso")
+
+    def __init__(self, q, f, iso=None):
+        self.q, self.f, self.iso = q, f, iso
+
+
+@contextlib.contextmanager
+def _weights_float(module) -> Iterator[None]:
+    fq = module.weight_fake_quant
+    if isinstance(fq, FakeQuantize):
+        saved = fq._fake_quant
+        fq._fake_quant = False
+        try:
+            yield
+        finally:
+            fq._fake_quant = saved
+    else:  # a torch.ao quantizer: use its buffer switch
+        saved = int(fq.fake_quant_enabled[0])
+        fq.disable_fake_quant()
+        try:
+            yield
+        finally:
+            fq.enable_fake_quant(bool(saved))
+
+
+class ErrorRecorder(CheckedInterpreter):
+    """Runs the float and the quantized network side by side, in one pass per batch.
+
+    The float path is the same graph with every quantizer bypassed. For each weighted node N
+    the error is taken where N's value enters the rest of the network: after its output
+    quantizer if it has one, else at N. *Propagated*: the quantized network's value there vs the
+    float network's. *Isolated*: N (quantized weights) and its output quantizer applied to the
+    float network's inputs of N, vs the float value. Only running sums are kept.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm, check_finite=True, what="measure_error")
+        self.weighted = {node.name: info for node, info in meta.quantized_nodes(gm)}
+        # the node at which each weighted node's error is taken
+        self.observe_at = {info.output_quantizer or name: name for name, info in self.weighted.items()}
+        self.isolated = {name: RunningError() for name in self.weighted}
+        self.propagated = {name: RunningError() for name in self.weighted}
+
+    def run_node(self, n: fx.Node):
+        try:
+            pair = self._run_pair(n)
+        except (CalibrationError, InputError):
+            raise
+        except Exception as e:
+            raise InputError(f"measure_error: {_where(n)} failed: {type(e).__name__}: {e}.") from e
+        _check_finite(n, pair.f, "measure_error (float network)")
+        _check_finite(n, pair.q, "measure_error (quantized network)")
+        owner = self.observe_at.get(n.name)
+        if owner is not None:
+            self.propagated[owner].update(pair.q, pair.f)
+            self.isolated[owner].update(pair.iso, pair.f)
+            pair.iso = None
+        return pair
+
+    def _run_pair(self, n: fx.Node) -> _Pair:
+        if n.op == "placeholder":
+            value = super(CheckedInterpreter, self).run_node(n)
+            return _Pair(value, value)
+        if n.op == "output":
+            return _Pair(map_arg(n.args[0], lambda a: self.env[a].q), map_arg(n.args[0], lambda a: self.env[a].f))
+        if n.op == "get_attr":
+            value = self.fetch_attr(n.target)
+            return _Pair(value, value)
+        q_args = map_arg(n.args, lambda a: self.env[a].q)
+        q_kwargs = map_arg(n.kwargs, lambda a: self.env[a].q)
+        f_args = map_arg(n.args, lambda a: self.env[a].f)
+        f_kwargs = map_arg(n.kwargs, lambda a: self.env[a].f)
+        q = getattr(self, n.op)(n.target, q_args, q_kwargs)
+        if n.op == "call_module":
+            module = self.fetch_attr(n.target)
+            if _is_quantizer(module):
+                source = self.env[n.args[0]]
+                iso = module(source.iso) if source.iso is not None else None
+                return _Pair(q, f_args[0], iso)
+            if n.name in self.weighted:
+                with _weights_float(module):
+                    f = module(*f_args, **f_kwargs)
+                return _Pair(q, f, module(*f_args, **f_kwargs))
+        f = getattr(self, n.op)(n.target, f_args, f_kwargs)
+        return _Pair(q, f)

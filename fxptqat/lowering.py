@@ -1,0 +1,43 @@
+"""torch.ao lowering of a fake-quant graph to INT8 kernels (the one place that calls convert_fx)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.fx as fx
+from torch.ao.quantization.quantize_fx import convert_fx
+
+from .config import QuantConfig
+from .errors import LoweringError
+from .qconfig import backend_config
+
+__all__ = ["convert", "quantized_engine"]
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Select torch's quantized engine for weight packing, restoring the previous one."""
+    if engine not in torch.backends.quantized.supported_engines:
+        raise LoweringError(
+            f"engine {engine!r} is not built into this torch "
+            f"(supported: {torch.backends.quantized.supported_engines}); choose another QuantConfig(engine=...)."
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def convert(qat: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """Copy ``qat`` and convert the copy; ``qat`` itself is not changed."""
+    work = copy.deepcopy(qat).eval()
+    with quantized_engine(config.engine):
+        try:
+            return convert_fx(work, backend_config=backend_config(config))
+        except Exception as e:
+            raise LoweringError(f"torch.ao convert_fx failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,107 @@
+"""The one place that reads and writes fxptqat's metadata key.
+
+``node.meta["fxptqat"]`` holds a frozen :class:`NodeInfo`; ``gm.meta["fxptqat"]`` a frozen
+:class:`GraphInfo`. Updates go through :func:`dataclasses.replace`; no tensors are stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterator
+
+import torch.fx as fx
+
+from .config import QuantConfig
+from .stats import ErrorStats
+
+__all__ = [
+    "KEY",
+    "Stage",
+    "NodeInfo",
+    "GraphInfo",
+    "node_info",
+    "set_node_info",
+    "update_node_info",
+    "graph_info",
+    "set_graph_info",
+    "update_graph_info",
+    "quantized_nodes",
+]
+
+KEY = "fxptqat"
+
+
+class Stage(enum.IntEnum):
+    """Where a graph is in the pipeline; later stages include the earlier ones."""
+
+    PREPARED = 1
+    CALIBRATED = 2
+    MEASURED = 3
+    SELECTED = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """Per quantized (weighted) node.
+
+    role: "weighted" (a module with a weight quantizer).
+    source: qualified name of the module in the user's model.
+    module_type: class name of the QAT module (e.g. "ConvBnReLU2d").
+    output_quantizer: name of the activation quantizer node fed by this node, if any.
+    params: number of parameters the node owns.
+    isolated / propagated: error stats once measured.
+    trainable: None until a selection is applied.
+    """
+
+    role: str
+    source: str
+    module_type: str
+    output_quantizer: str | None
+    params: int
+    isolated: ErrorStats | None = None
+    propagated: ErrorStats | None = None
+    trainable: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInfo:
+    stage: Stage
+    config: QuantConfig
+    graph_id: str
+
+
+def node_info(node: fx.Node) -> NodeInfo | None:
+    return node.meta.get(KEY)
+
+
+def set_node_info(node: fx.Node, info: NodeInfo) -> None:
+    node.meta[KEY] = info
+
+
+def update_node_info(node: fx.Node, **changes) -> NodeInfo:
+    info = dataclasses.replace(node.meta[KEY], **changes)
+    node.meta[KEY] = info
+    return info
+
+
+def graph_info(gm: fx.GraphModule) -> GraphInfo | None:
+    return getattr(gm, "meta", {}).get(KEY)
+
+
+def set_graph_info(gm: fx.GraphModule, info: GraphInfo) -> None:
+    gm.meta[KEY] = info
+
+
+def update_graph_info(gm: fx.GraphModule, **changes) -> GraphInfo:
+    info = dataclasses.replace(gm.meta[KEY], **changes)
+    gm.meta[KEY] = info
+    return info
+
+
+def quantized_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, NodeInfo]]:
+    """The weighted nodes fxptqat tracks, in graph order."""
+    for node in gm.graph.nodes:
+        info = node.meta.get(KEY)
+        if info is not None:
+            yield node, info

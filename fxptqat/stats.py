@@ -1,0 +1,74 @@
+"""Error statistics: streamed running sums and the frozen summary they produce."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = ["ErrorStats", "RunningError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorStats:
+    """Error of a quantized tensor against its float reference, over all elements seen."""
+
+    mse: float
+    sqnr_db: float  # 10 log10(sum ref^2 / sum err^2); inf when there is no error
+    cosine: float  # cosine similarity of the flattened tensors; 1.0 when identical
+    max_abs: float
+    count: int
+
+    def value(self, metric: str) -> float:
+        """The stat named ``metric`` ("mse", "sqnr_db", "cosine", "max_abs")."""
+        return getattr(self, metric)
+
+
+class RunningError:
+    """Running sums (float64) from which ErrorStats follow; memory is constant in batches."""
+
+    __slots__ = ("count", "sq_err", "sq_ref", "sq_q", "dot", "max_abs")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sq_err = self.sq_ref = self.sq_q = self.dot = self.max_abs = 0.0
+
+    def update(self, quant: torch.Tensor, ref: torch.Tensor) -> None:
+        q = quant.detach().to(torch.float64).flatten()
+        r = ref.detach().to(torch.float64).flatten()
+        err = q - r
+        self.count += r.numel()
+        self.sq_err += float(err.dot(err))
+        self.sq_ref += float(r.dot(r))
+        self.sq_q += float(q.dot(q))
+        self.dot += float(q.dot(r))
+        if err.numel():
+            self.max_abs = max(self.max_abs, float(err.abs().max()))
+
+    def merge(self, other: RunningError) -> None:
+        self.count += other.count
+        self.sq_err += other.sq_err
+        self.sq_ref += other.sq_ref
+        self.sq_q += other.sq_q
+        self.dot += other.dot
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    def result(self) -> ErrorStats:
+        if self.count == 0:
+            raise ValueError("no elements were recorded")
+        mse = self.sq_err / self.count
+        if self.sq_err == 0.0:
+            sqnr = math.inf
+        elif self.sq_ref == 0.0:
+            sqnr = -math.inf
+        else:
+            sqnr = 10.0 * math.log10(self.sq_ref / self.sq_err)
+        denom = math.sqrt(self.sq_ref * self.sq_q)
+        if denom == 0.0:
+            cosine = 1.0 if self.sq_ref == self.sq_q else 0.0
+        else:
+            cosine = max(-1.0, min(1.0, self.dot / denom))
+        if self.sq_err == 0.0:
+            cosine = 1.0
+        return ErrorStats(mse=mse, sqnr_db=sqnr, cosine=cosine, max_abs=self.max_abs, count=self.count)

@@ -1,0 +1,110 @@
+"""Pass: insert observers and fake-quant nodes (torch.ao ``prepare_qat_fx`` underneath).
+
+Runs in place on a float GraphModule: the prepared graph and its QAT submodules (conv-bn-relu
+fused, weights wrapped by :class:`fxptqat.FakeQuantize`) replace the input's. Every weighted node
+gets a :class:`fxptqat.meta.NodeInfo`; the graph gets a :class:`fxptqat.meta.GraphInfo` at stage
+PREPARED. A graph that already carries fxptqat's GraphInfo is left alone (``modified=False``).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+import warnings
+
+import torch
+import torch.fx as fx
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.quantize_fx import prepare_qat_fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxptqat import meta
+from fxptqat.config import QuantConfig
+from fxptqat.errors import TraceError
+from fxptqat.qconfig import backend_config, qconfig_mapping
+
+__all__ = ["insert_fake_quant"]
+
+log = logging.getLogger(__name__)
+_FLOAT_WEIGHTED = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def insert_fake_quant(
+    gm: fx.GraphModule, /, *, config: QuantConfig, example_inputs: tuple
+) -> PassResult:
+    if meta.graph_info(gm) is not None:
+        return PassResult(gm, False)
+    custom = PrepareCustomConfig()
+    custom.set_non_traceable_module_classes([m for m in config.leaf_modules if isinstance(m, type)])
+    custom.set_non_traceable_module_names([m for m in config.leaf_modules if isinstance(m, str)])
+    was_training = gm.training
+    gm.train()  # prepare_qat_fx insists on train mode
+    try:
+        prepared = prepare_qat_fx(
+            gm,
+            qconfig_mapping(config),
+            example_inputs,
+            prepare_custom_config=custom,
+            backend_config=backend_config(config),
+        )
+    except Exception as e:
+        raise TraceError(
+            f"torch.ao prepare_qat_fx failed on the traced graph: {type(e).__name__}: {e}. "
+            "If a submodule cannot be traced or quantized, list it in QuantConfig(leaf_modules=...)."
+        ) from e
+    _transplant(prepared, into=gm)
+    gm.train(was_training)
+    _annotate(gm, config)
+    return PassResult(gm, True)
+
+
+def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
+    """Make ``into`` the prepared module: same children, attributes, graph and torch.ao meta."""
+    for name in list(into._modules):
+        if name not in prepared._modules:
+            delattr(into, name)
+    for name, child in prepared._modules.items():  # not named_children(): it hides shared modules
+        setattr(into, name, child)
+    for name, value in prepared.__dict__.items():
+        # torch.ao stores a few plain attributes (e.g. quantized input/output indices) on the module
+        if not name.startswith("_") and name not in into.__dict__ and name != "training":
+            setattr(into, name, value)
+    into.graph = prepared.graph
+    into.meta.update(prepared.meta)
+    into.recompile()
+
+
+def _annotate(gm: fx.GraphModule, config: QuantConfig) -> None:
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    left_float = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = modules[node.target]
+        if hasattr(module, "weight_fake_quant"):
+            users = list(node.users)
+            out_q = None
+            if len(users) == 1 and users[0].op == "call_module":
+                if isinstance(modules[users[0].target], torch.ao.quantization.FakeQuantizeBase):
+                    out_q = users[0].name
+            meta.set_node_info(
+                node,
+                meta.NodeInfo(
+                    role="weighted",
+                    source=str(node.target),
+                    module_type=type(module).__name__,
+                    output_quantizer=out_q,
+                    params=sum(p.numel() for p in module.parameters()),
+                ),
+            )
+        elif type(module) in _FLOAT_WEIGHTED:
+            left_float.append(node.name)
+    if left_float:
+        warnings.warn(
+            f"fxptqat: {len(left_float)} conv/linear node(s) stay in float because the {config.engine!r} "
+            f"backend does not quantize them in this position: {', '.join(left_float[:8])}.",
+            stacklevel=3,
+        )
+    meta.set_graph_info(
+        gm, meta.GraphInfo(stage=meta.Stage.PREPARED, config=config, graph_id=uuid.uuid4().hex)
+    )
