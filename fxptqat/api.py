@@ -27,7 +27,7 @@ from .errors import CalibrationError, ConfigError, InputError, SelectionError, S
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
 from .lowering import convert
-from .parity import Capture, ParityReport, ParityRow, observed_points
+from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
 
@@ -266,12 +266,12 @@ def finetune(
                 fed = True
                 *inputs, target = as_args(batch, what="finetune(): batch")
                 loss = loss_fn(qat(*inputs), target)
-                if not math.isfinite(float(loss)):
-                    raise CalibrationError(f"finetune(): loss became {float(loss)} at step {len(losses)}; lower lr.")
+                if not math.isfinite(loss.item()):
+                    raise CalibrationError(f"finetune(): loss became {loss.item()} at step {len(losses)}; lower lr.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if len(losses) >= steps:
@@ -296,47 +296,15 @@ def lower(qat: fx.GraphModule) -> fx.GraphModule:
 def check_parity(
     qat: fx.GraphModule, int8: fx.GraphModule, batches: Iterable, *, tolerance_lsb: float = 1.0
 ) -> ParityReport:
-    """Compare fake-quant and INT8 node by node at every weighted node's output."""
+    """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`."""
     _require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
-    if not isinstance(int8, nn.Module):
-        raise InputError(f"check_parity(): int8 must be the module lower() returned, got {type(int8).__name__}.")
-    points = observed_points(qat)
-    int8_names = {n.name for n in int8.graph.nodes} if isinstance(int8, fx.GraphModule) else set()
-    worst: dict[str, list[float]] = {}  # name -> [max_abs, off_count, count, ref_range]
-    out_max, agree, samples = 0.0, 0, 0
+    if not isinstance(int8, fx.GraphModule):
+        raise InputError(f"check_parity(): int8 must be the GraphModule lower() returned, got {type(int8).__name__}.")
     was_training = qat.training
     qat.eval()
     try:
         with torch.no_grad():
-            for args in iter_batches(batches, qat, what="check_parity()"):
-                qcap = Capture(qat, {p for p, _ in points.values()}, what="check_parity (fake-quant)")
-                icap = Capture(int8, set(points) & int8_names, what="check_parity (INT8)")
-                q_out, i_out = qcap.run(*args), icap.run(*args)
-                for name, (point, scale) in points.items():
-                    if name not in icap.values:
-                        continue
-                    a, b = qcap.values[point], icap.values[name]
-                    diff = (a - b).abs()
-                    step = scale if scale else 1e-4 * float(a.abs().max() + 1e-12)
-                    w = worst.setdefault(name, [0.0, 0, 0, 0.0])
-                    w[0] = max(w[0], float(diff.max()))
-                    w[1] += int((diff > step * 1.001).sum())
-                    w[2] += diff.numel()
-                    w[3] = max(w[3], float(a.abs().max()))
-                if isinstance(q_out, torch.Tensor) and isinstance(i_out, torch.Tensor):
-                    i_out = i_out.dequantize() if i_out.is_quantized else i_out
-                    out_max = max(out_max, float((q_out - i_out).abs().max()))
-                    if q_out.dim() == 2:
-                        agree += int((q_out.argmax(1) == i_out.argmax(1)).sum())
-                        samples += q_out.shape[0]
+            return compare(qat, int8, batches, tolerance_lsb=tolerance_lsb)
     finally:
         qat.train(was_training)
-    rows = []
-    for name, (_, scale) in points.items():
-        if name not in worst:
-            continue
-        max_abs, off, count, ref_range = worst[name]
-        tol = tolerance_lsb * scale * 1.001 if scale else 1e-4 * ref_range + 1e-6
-        rows.append(ParityRow(name, scale, tol, max_abs, max_abs / scale if scale else None, off / max(count, 1)))
-    return ParityReport(tuple(rows), out_max, agree / samples if samples else None, samples)

@@ -15,7 +15,9 @@ from .errors import ConfigError
 
 __all__ = ["QuantConfig", "ENGINES", "strict_options", "check_finite"]
 
-ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+# onednn is left out: its conv-bn-add-relu fusion pattern cannot be prepared for QAT in torch 2.13
+# ("Cannot fuse train modules").
+ENGINES = ("x86", "fbgemm", "qnnpack")
 
 
 def strict_options(cls):
@@ -66,7 +68,7 @@ class QuantConfig:
         so that the INT8 lowering holds exactly the simulated grid.
     act_bits: 8 (asymmetric per-tensor uint8) or None (weight-only, activations stay float).
     per_channel: per-output-channel weight scales (default) or one scale per tensor.
-    engine: torch.ao backend: "x86" (default), "fbgemm", "onednn" or "qnnpack".
+    engine: torch.ao backend: "x86" (default), "fbgemm" or "qnnpack".
     reduce_range: use 7-bit activations (needed on CPUs without VNNI for fbgemm/x86 kernels).
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).

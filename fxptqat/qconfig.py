@@ -14,7 +14,6 @@ from torch.ao.quantization.backend_config import (
     BackendConfig,
     DTypeConfig,
     get_fbgemm_backend_config,
-    get_onednn_backend_config,
     get_qnnpack_backend_config,
 )
 from torch.ao.quantization.backend_config.x86 import get_x86_backend_config
@@ -35,7 +34,6 @@ __all__ = ["backend_config", "qconfig_mapping", "weight_fake_quant", "activation
 _BACKENDS = {
     "x86": get_x86_backend_config,
     "fbgemm": get_fbgemm_backend_config,
-    "onednn": get_onednn_backend_config,
     "qnnpack": get_qnnpack_backend_config,
 }
 # qnnpack refuses scales below 2**-12 (its BackendConfig constraint); prepare would then
