@@ -23,7 +23,7 @@ def observe_only(gm: fx.GraphModule, /) -> PassResult:
     """Calibration mode: observers on, fake-quant off (statistics of the float network)."""
     modified = False
     for module in gm.modules():
-        if isinstance(module, FakeQuantize) and (module.frozen or not module._observe):
+        if isinstance(module, FakeQuantize) and (module._fake_quant or not module._observe):
             module.enable_observer(True)
             module.enable_fake_quant(False)
             modified = True

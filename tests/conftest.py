@@ -1,0 +1,82 @@
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, settings
+
+# `ci`: derandomized (same examples every run) with more examples; `dev`: quick and random.
+settings.register_profile(
+    "ci", derandomize=True, max_examples=40, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# One intra-op thread: the 2 cores are shared, and oversubscribed torch threads stalled training
+# 10x here; one thread also makes float results independent of the machine's core count.
+torch.set_num_threads(1)
+
+
+class SmallNet(nn.Module):
+    """conv-bn-relu, a residual add, a concat and a Linear head: the shapes fxptqat must handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.conv1(x)))
+        z = self.conv2(y) + y
+        return self.fc(torch.flatten(torch.cat([z, y], 1), 1))
+
+
+def make_small_net(seed: int = 0) -> SmallNet:
+    torch.manual_seed(seed)
+    net = SmallNet().eval()
+    with torch.no_grad():
+        net.bn1.running_mean.uniform_(-0.5, 0.5)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+        net.bn1.weight.uniform_(0.5, 1.5)
+    return net
+
+
+def state_of(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, state: dict) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+
+
+@pytest.fixture
+def small_net():
+    return make_small_net()
+
+
+@pytest.fixture
+def small_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 1, 6, 6, generator=g),) for _ in range(3)]
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    from fxptqat.data import load_mnist
+
+    return load_mnist(n_train=4000, n_test=1000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mnist_cnn(mnist):
+    """ResidualCNN trained once per session on real MNIST (train_float defaults, seed 0)."""
+    from fxptqat.models import ResidualCNN, train_float
+
+    x_train, y_train, _, _ = mnist
+    torch.manual_seed(0)
+    return train_float(ResidualCNN(), x_train, y_train, seed=0)

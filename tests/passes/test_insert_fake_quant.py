@@ -1,0 +1,116 @@
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import make_small_net, same_state, state_of
+
+import fxptqat as fq
+from fxptqat import meta
+from fxptqat.api import trace
+from fxptqat.fake_quantize import FakeQuantize
+from fxptqat.passes.insert_fake_quant import insert_fake_quant
+
+EX = (torch.randn(2, 1, 6, 6),)
+
+GOLDEN = """
+def forward(self, x):
+    activation_post_process_0 = self.activation_post_process_0(x);  x = None
+    conv1 = self.conv1(activation_post_process_0);  activation_post_process_0 = None
+    activation_post_process_1 = self.activation_post_process_1(conv1);  conv1 = None
+    conv2 = self.conv2(activation_post_process_1)
+    activation_post_process_2 = self.activation_post_process_2(conv2);  conv2 = None
+    add = activation_post_process_2 + activation_post_process_1;  activation_post_process_2 = None
+    activation_post_process_3 = self.activation_post_process_3(add);  add = None
+    cat = torch.cat([activation_post_process_3, activation_post_process_1], 1);  activation_post_process_3 = activation_post_process_1 = None
+    activation_post_process_4 = self.activation_post_process_4(cat);  cat = None
+    flatten = torch.flatten(activation_post_process_4, 1);  activation_post_process_4 = None
+    activation_post_process_5 = self.activation_post_process_5(flatten);  flatten = None
+    fc = self.fc(activation_post_process_5);  activation_post_process_5 = None
+    activation_post_process_6 = self.activation_post_process_6(fc);  fc = None
+    return activation_post_process_6
+"""
+
+
+def _traced(config):
+    return trace(make_small_net(), config)
+
+
+def test_precondition_float_graph_has_no_fxptqat_meta():
+    gm = _traced(fq.QuantConfig())
+    assert meta.graph_info(gm) is None
+    assert list(meta.quantized_nodes(gm)) == []
+
+
+def test_run_modifies_in_place_and_lints():
+    config = fq.QuantConfig(weight_bits=4)
+    gm = _traced(config)
+    result = insert_fake_quant(gm, config=config, example_inputs=EX)
+    assert result.modified is True
+    assert result.graph_module is gm
+    gm.graph.lint()
+    assert textwrap.dedent(gm.code).strip() == GOLDEN.strip()
+
+
+def test_structure_and_metadata():
+    config = fq.QuantConfig(weight_bits=4)
+    gm = _traced(config)
+    insert_fake_quant(gm, config=config, example_inputs=EX)
+    infos = {n.name: i for n, i in meta.quantized_nodes(gm)}
+    assert list(infos) == ["conv1", "conv2", "fc"]
+    assert infos["conv1"].module_type == "ConvBnReLU2d"  # conv-bn-relu fused for QAT
+    assert infos["conv1"].output_quantizer == "activation_post_process_1"
+    assert infos["fc"].params == 8 * 6 * 6 * 5 + 5
+    assert all(i.trainable is None and i.isolated is None for i in infos.values())
+    g = meta.graph_info(gm)
+    assert g.stage == meta.Stage.PREPARED and g.config == config
+    # weights: fxptqat's FakeQuantize on the restricted 4-bit range, per channel
+    wfq = gm.get_submodule("conv1").weight_fake_quant
+    assert isinstance(wfq, FakeQuantize)
+    assert (wfq.quant_min, wfq.quant_max) == (-7, 7)
+    assert wfq.qscheme == torch.per_channel_symmetric
+    act = gm.get_submodule("activation_post_process_1")
+    assert isinstance(act, FakeQuantize) and (act.quant_min, act.quant_max) == (0, 255)
+
+
+def test_second_run_is_a_no_op():
+    config = fq.QuantConfig()
+    gm = _traced(config)
+    insert_fake_quant(gm, config=config, example_inputs=EX)
+    code, state = gm.code, state_of(gm)
+    again = insert_fake_quant(gm, config=config, example_inputs=EX)
+    assert again.modified is False
+    assert gm.code == code and same_state(gm, state)
+
+
+def test_weight_only_inserts_no_activation_quantizers():
+    config = fq.QuantConfig(weight_bits=4, act_bits=None)
+    gm = _traced(config)
+    insert_fake_quant(gm, config=config, example_inputs=EX)
+    assert not any(
+        isinstance(m, FakeQuantize) and m.dtype == torch.quint8 for m in gm.modules()
+    )
+    assert [n.name for n, _ in meta.quantized_nodes(gm)] == ["conv1", "conv2", "fc"]
+    assert all(i.output_quantizer is None for _, i in meta.quantized_nodes(gm))
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_numerics_fake_quant_disabled_equals_float_without_bn(per_channel):
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).eval()
+    config = fq.QuantConfig(per_channel=per_channel)
+    gm = trace(model, config)
+    insert_fake_quant(gm, config=config, example_inputs=EX)
+    for m in gm.modules():
+        if isinstance(m, FakeQuantize):
+            m.enable_observer(False)
+            m.enable_fake_quant(False)
+    x = torch.randn(4, 1, 6, 6)
+    assert torch.equal(gm.eval()(x), model(x))
+
+
+def test_per_tensor_weights():
+    config = fq.QuantConfig(per_channel=False, weight_bits=3)
+    gm = _traced(config)
+    insert_fake_quant(gm, config=config, example_inputs=EX)
+    wfq = gm.get_submodule("fc").weight_fake_quant
+    assert wfq.qscheme == torch.per_tensor_symmetric and (wfq.quant_min, wfq.quant_max) == (-3, 3)
