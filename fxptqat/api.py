@@ -24,6 +24,7 @@ from fxptqat.passes.mark_trainable import mark_trainable
 from . import meta
 from .config import QuantConfig, check_finite
 from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError, TraceError
+from .fake_quantize import FakeQuantize
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
 from .lowering import convert
@@ -131,6 +132,7 @@ def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
     if info.stage > meta.Stage.PREPARED:
         raise StageError("calibrate(): this graph is already calibrated; call prepare() again to start over.")
     was_training = qat.training
+    saved = _quantizer_state(qat)
     observe_only(qat)
     qat.eval()
     runner = CheckedInterpreter(qat, what="calibrate")
@@ -140,14 +142,32 @@ def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
             for args in iter_batches(batches, qat, what="calibrate()"):
                 runner.run(*args)
                 seen += 1
+        if seen == 0:
+            raise CalibrationError("calibrate(): the batches were empty; give at least one batch of real inputs.")
+    except BaseException:
+        _restore_quantizer_state(qat, saved)  # a failed call leaves the graph as it was
+        raise
     finally:
         qat.train(was_training)
-    if seen == 0:
-        raise CalibrationError("calibrate(): the batches were empty; give at least one batch of real inputs.")
     freeze_quantizers(qat)
     meta.update_graph_info(qat, stage=meta.Stage.CALIBRATED)
     log.info("calibrated on %d batches", seen)
     return seen
+
+
+def _quantizer_state(qat: fx.GraphModule) -> dict:
+    return {
+        name: (copy.deepcopy(m.state_dict()), m._observe, m._fake_quant)
+        for name, m in qat.named_modules() if isinstance(m, FakeQuantize)
+    }
+
+
+def _restore_quantizer_state(qat: fx.GraphModule, saved: dict) -> None:
+    for name, (state, observe, fake_quant) in saved.items():
+        m = qat.get_submodule(name)
+        m.load_state_dict(state)
+        m.enable_observer(observe)
+        m.enable_fake_quant(fake_quant)
 
 
 def measure_error(qat: fx.GraphModule, batches: Iterable) -> ErrorReport:

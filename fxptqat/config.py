@@ -24,9 +24,12 @@ def strict_options(cls):
     """Class decorator: unknown keyword arguments raise ConfigError with a "did you mean"."""
     init = cls.__init__
     names = [f.name for f in dataclasses.fields(cls)]
+    keyword_only = all(f.kw_only is True for f in dataclasses.fields(cls))
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        if args and keyword_only:
+            raise ConfigError(f"{cls.__name__} takes keyword options only, e.g. {cls.__name__}({names[0]}=...).")
         for key in kwargs:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
@@ -91,7 +94,7 @@ class QuantConfig:
                 f"{owner}: weight_bits={self.weight_bits} is out of range; fxptqat lowers to INT8 "
                 "kernels, so weights take 2 to 8 bits."
             )
-        if self.act_bits is not None and (isinstance(self.act_bits, bool) or self.act_bits != 8):
+        if self.act_bits is not None and (type(self.act_bits) is not int or self.act_bits != 8):
             raise ConfigError(
                 f"{owner}: act_bits={self.act_bits!r} is not supported: use 8 (INT8 activations) "
                 "or None (weight-only, float activations)."
@@ -100,7 +103,15 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}.")
         _choice(owner, "engine", self.engine, ENGINES)
-        leaves = tuple(self.leaf_modules)
+        leaves = self.leaf_modules
+        if isinstance(leaves, (str, type)):
+            leaves = (leaves,)
+        try:
+            leaves = tuple(leaves)
+        except TypeError as e:
+            raise ConfigError(
+                f"{owner}: leaf_modules must be a tuple of module classes or names, got {leaves!r}."
+            ) from e
         for leaf in leaves:
             if not (isinstance(leaf, str) or (isinstance(leaf, type) and issubclass(leaf, nn.Module))):
                 raise ConfigError(

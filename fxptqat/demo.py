@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -84,7 +85,7 @@ def run_demo(
     float_acc = accuracy(model, x_test, y_test)
     stage("float model trained")
 
-    calib = [b for b, _ in zip(batches(x_train, batch_size=64), range(8))]
+    calib = list(itertools.islice(batches(x_train, batch_size=64), 8))
     config = QuantConfig(weight_bits=weight_bits, act_bits=8)
     qat = api.prepare(model, x_train[:64], config=config)
     api.calibrate(qat, calib)

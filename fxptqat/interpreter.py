@@ -24,12 +24,22 @@ __all__ = ["CheckedInterpreter", "ErrorRecorder"]
 
 
 def _where(node: fx.Node) -> str:
-    trace = node.stack_trace or node.meta.get("stack_trace")
-    line = ""
-    if trace:
-        last = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-        line = f" (source: {' | '.join(last[-2:])})"
-    return f"node {node.name!r} ({node.op} {node.target}){line}"
+    """Node name, op, and the user's source line that created it (recorded while tracing)."""
+    return f"node {node.name!r} ({node.op} {node.target}){source_line(node)}"
+
+
+def source_line(node: fx.Node) -> str:
+    trace = node.stack_trace or node.meta.get("stack_trace") or ""
+    lines = trace.splitlines()
+    frames = [  # ('File "x.py", line 3, in forward', 'code') pairs
+        (lines[i].strip(), lines[i + 1].strip() if i + 1 < len(lines) else "")
+        for i in range(len(lines)) if lines[i].strip().startswith("File ")
+    ]
+    user = [f for f in frames if "/torch/" not in f[0]]
+    if not user:
+        return ""
+    where, code = user[-1]
+    return f" (source: {where}: `{code}`)"
 
 
 def _check_finite(node: fx.Node, value, path: str) -> None:

@@ -69,12 +69,12 @@ class ErrorReport:
     @classmethod
     def from_json(cls, text: str) -> ErrorReport:
         try:
-            data = _decode(json.loads(text))
+            data = json.loads(text)
             rows = tuple(
                 ErrorRow(
                     **{k: v for k, v in r.items() if k not in ("isolated", "propagated")},
-                    isolated=ErrorStats(**r["isolated"]),
-                    propagated=ErrorStats(**r["propagated"]),
+                    isolated=ErrorStats(**_decode(r["isolated"])),
+                    propagated=ErrorStats(**_decode(r["propagated"])),
                 )
                 for r in data["rows"]
             )
@@ -94,11 +94,6 @@ def _encode(obj):
     return obj
 
 
-def _decode(obj):
-    if obj in ("inf", "-inf", "nan"):
-        return float(obj)
-    if isinstance(obj, dict):
-        return {k: _decode(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v) for v in obj]
-    return obj
+def _decode(stats: dict) -> dict:
+    """Undo _encode inside one ErrorStats dict (names elsewhere stay strings)."""
+    return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in stats.items()}

@@ -158,7 +158,8 @@ class Adaptive:
     ``log10(error)``: it splits the sorted values into a low and a high group where the
     between-group variance is largest (Otsu's criterion, exhaustive over the n-1 cut points),
     and trains the low group. The chosen theta is the geometric mean of the two values at the
-    cut and is reported on the Selection. With fewer than two finite errors every node is trained.
+    cut and is reported on the Selection. With fewer than two finite errors, or all errors equal,
+    every node is trained.
     """
 
     metric: str = "mse"
@@ -167,30 +168,34 @@ class Adaptive:
     def __post_init__(self) -> None:
         _check_common("Adaptive", self.metric, self.mode, "low")
 
-    def theta(self, rows: Sequence[ErrorRow]) -> float | None:
-        values = sorted(badness(r, self.metric, self.mode) for r in rows)
-        if self.metric == "sqnr_db":
-            logs = values  # already logarithmic (dB)
-        else:
-            logs = [math.log10(max(v, 1e-30)) for v in values]
+    def _split(self, rows: Sequence[ErrorRow]) -> tuple[list[ErrorRow], float] | None:
+        """(rows in the low group, theta), or None when the errors do not split."""
+        ranked = sorted(rows, key=lambda r: badness(r, self.metric, self.mode))
+        values = [badness(r, self.metric, self.mode) for r in ranked]
+        # sqnr_db is already logarithmic (dB); the others are taken to log10
+        logs = values if self.metric == "sqnr_db" else [math.log10(max(v, 1e-30)) for v in values]
         if len(logs) < 2 or not all(math.isfinite(v) for v in logs):
             return None
-        best, cut = -1.0, 1
+        best, cut = 0.0, 0
         for i in range(1, len(logs)):
             lo, hi = logs[:i], logs[i:]
-            w0, w1 = len(lo) / len(logs), len(hi) / len(logs)
-            score = w0 * w1 * (sum(lo) / len(lo) - sum(hi) / len(hi)) ** 2
+            score = len(lo) * len(hi) * (sum(lo) / len(lo) - sum(hi) / len(hi)) ** 2
             if score > best:
                 best, cut = score, i
-        if self.metric == "sqnr_db":
-            return -(logs[cut - 1] + logs[cut]) / 2  # in dB, as Threshold takes it
-        return 10 ** ((logs[cut - 1] + logs[cut]) / 2)
+        if cut == 0:  # every error equal: no low group to speak of
+            return None
+        mid = (logs[cut - 1] + logs[cut]) / 2
+        return ranked[:cut], (-mid if self.metric == "sqnr_db" else 10**mid)
+
+    def theta(self, rows: Sequence[ErrorRow]) -> float | None:
+        split = self._split(rows)
+        return None if split is None else split[1]
 
     def choose(self, rows: Sequence[ErrorRow]) -> set[str]:
-        theta = self.theta(rows)
-        if theta is None:
+        split = self._split(rows)
+        if split is None:
             return {r.name for r in rows}
-        return Threshold(theta, metric=self.metric, mode=self.mode).choose(rows)
+        return {r.name for r in split[0]}
 
 
 @dataclasses.dataclass(frozen=True)

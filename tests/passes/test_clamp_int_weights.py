@@ -2,8 +2,8 @@ import torch
 import torch.nn as nn
 
 import fxptqat as fq
-from fxptqat.lowering import convert
 from fxptqat import meta
+from fxptqat.lowering import convert
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 
 

@@ -1,9 +1,10 @@
 import torch
-from conftest import make_small_net
 
 import fxptqat as fq
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
+
+from conftest import make_small_net
 
 
 def _quantizers(gm):
@@ -27,8 +28,8 @@ def test_observe_then_freeze():
     scales = [q.scale.clone() for q in _quantizers(qat)]
     assert freeze_quantizers(qat).modified is False
     with torch.no_grad():
-        out_frozen = qat(x * 3)  # a wider range must not move frozen qparams
-    assert all(torch.equal(s, q.scale) for s, q in zip(scales, _quantizers(qat)))
+        qat(x * 3)  # a wider range must not move frozen qparams
+    assert all(torch.equal(s, q.scale) for s, q in zip(scales, _quantizers(qat), strict=True))
     assert not torch.equal(out_observing, qat(x))  # fake-quant is on now
 
 

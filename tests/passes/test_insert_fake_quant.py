@@ -3,13 +3,14 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-from conftest import make_small_net, same_state, state_of
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.api import trace
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
+
+from conftest import make_small_net, same_state, state_of
 
 EX = (torch.randn(2, 1, 6, 6),)
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
-from conftest import make_small_net
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.passes.mark_trainable import mark_trainable
+
+from conftest import make_small_net
 
 
 @pytest.fixture
