@@ -51,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the PTQAT pipeline on real MNIST and print the results")
     demo.add_argument("--weight-bits", type=int, default=4, help="weight bit width, 2-8 (default 4)")
     demo.add_argument("--theta", type=float, default=0.01, help="PTQAT MSE threshold (default 0.01)")
-    demo.add_argument("--epochs", type=int, default=3, help="float training epochs (default 3)")
+    demo.add_argument("--epochs", type=int, default=4, help="float training epochs (default 4)")
     demo.add_argument("--steps", type=int, default=200, help="QAT fine-tuning steps (default 200)")
     demo.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    demo.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: on 2 shared cores, 2 threads oversubscribed and ran 4x slower here)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_demo)

@@ -62,7 +62,7 @@ def run_demo(
     *,
     weight_bits: int = 4,
     theta: float = 0.01,
-    epochs: int = 3,
+    epochs: int = 4,
     steps: int = 200,
     lr: float = 1e-4,
     seed: int = 0,
