@@ -20,6 +20,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
+from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
 
 from . import meta
 from .config import QuantConfig, check_finite
@@ -310,6 +311,7 @@ def lower(qat: fx.GraphModule) -> fx.GraphModule:
     int8 = convert(qat, info.config)
     qmin, qmax = info.config.weight_qrange
     clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
     return int8
 
 

@@ -23,7 +23,7 @@ from torch.ao.quantization.observer import (
     PerChannelMinMaxObserver,
     PlaceholderObserver,
 )
-from torch.ao.quantization.qconfig import default_reuse_input_qconfig
+from torch.ao.quantization.qconfig import default_quint8_weight_qconfig, default_reuse_input_qconfig
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 
 from .config import QuantConfig
@@ -87,6 +87,9 @@ def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
     mapping.set_object_type(nn.LayerNorm, float_weight)
     mapping.set_object_type(torch.nn.functional.layer_norm, float_weight)
     mapping.set_object_type("reshape", default_reuse_input_qconfig)
+    # convert_fx builds QuantizedPReLU from this observer (1-D slope, per-tensor uint8); lowering
+    # then replaces that module by a float PReLU (passes/replace_quantized_prelu.py).
+    mapping.set_object_type(nn.PReLU, QConfig(activation=act, weight=default_quint8_weight_qconfig.weight))
     for op, observer in _FIXED_QPARAMS_OP_TO_OBSERVER.items():
         fixed = FixedQParamsFakeQuantize.with_args(observer=observer)
         mapping.set_object_type(op, QConfig(activation=fixed, weight=weight))

@@ -54,6 +54,7 @@ def insert_fake_quant(
         ) from e
     _transplant(prepared, into=gm)
     gm.train(was_training)
+    _requantize_cat_inputs(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
 
@@ -72,6 +73,45 @@ def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
     into.graph = prepared.graph
     into.meta.update(prepared.meta)
     into.recompile()
+
+
+def _requantize_cat_inputs(gm: fx.GraphModule) -> None:
+    """Give every quantized ``torch.cat`` inputs on its own output grid.
+
+    torch.ao lets a cat share one quantizer between its inputs and output, but a value feeding two
+    cats can only join one group: the other cat then concatenates inputs on a different grid. Its
+    INT8 kernel keeps the first input's qparams while fake-quant used the output's (seen off by
+    100+ steps). Routing such an input through the cat's output quantizer (a requantize in INT8)
+    makes fake-quant and INT8 compute the same thing.
+    """
+    modules = dict(gm.named_modules(remove_duplicate=False))
+
+    def quantizer(node):
+        if isinstance(node, fx.Node) and node.op == "call_module":
+            module = modules.get(node.target)
+            if isinstance(module, torch.ao.quantization.FakeQuantizeBase):
+                return module
+        return None
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.cat or len(node.users) != 1:
+            continue
+        out_node = next(iter(node.users))
+        out_q = quantizer(out_node)
+        inputs = node.args[0]
+        if out_q is None or not isinstance(inputs, (list, tuple)):
+            continue
+        fixed = []
+        for arg in inputs:
+            if quantizer(arg) is not None and quantizer(arg) is not out_q:
+                with gm.graph.inserting_before(node):
+                    arg = gm.graph.call_module(out_node.target, (arg,))
+                changed = True
+            fixed.append(arg)
+        node.args = (type(inputs)(fixed), *node.args[1:])
+    if changed:
+        gm.recompile()
 
 
 def _annotate(gm: fx.GraphModule, config: QuantConfig) -> None:

@@ -5,11 +5,12 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import same_state, state_of
 
 import fxptqat as fq
 from fxptqat.data import batches
 from fxptqat.models import accuracy
+
+from conftest import same_state, state_of
 
 STEPS = 150
 

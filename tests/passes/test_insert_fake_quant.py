@@ -115,3 +115,32 @@ def test_per_tensor_weights():
     insert_fake_quant(gm, config=config, example_inputs=EX)
     wfq = gm.get_submodule("fc").weight_fake_quant
     assert wfq.qscheme == torch.per_tensor_symmetric and (wfq.quant_min, wfq.quant_max) == (-3, 3)
+
+
+class TwoCats(nn.Module):
+    """v1 feeds two concats: torch.ao can put its quantizer in only one cat's sharing group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(1, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(2, 1, 1, bias=False)
+
+    def forward(self, x):
+        v1 = self.conv0(x)
+        return torch.cat([self.conv2(torch.cat([v1, self.conv1(x)], 1)), v1], 1)
+
+
+def test_every_cat_input_is_on_the_cats_output_grid():
+    config = fq.QuantConfig()
+    gm = trace(TwoCats().eval(), config)
+    insert_fake_quant(gm, config=config, example_inputs=(torch.randn(1, 1, 4, 4),))
+    gm.graph.lint()
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    cats = [n for n in gm.graph.nodes if n.target is torch.cat]
+    assert len(cats) == 2
+    for cat in cats:
+        out_q = modules[next(iter(cat.users)).target]
+        assert all(modules[a.target] is out_q for a in cat.args[0]), cat.name
+    # the first cat got one requantize: its input v1 is quantized on the second cat's grid
+    assert len([n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("activation")]) == 7
