@@ -22,7 +22,7 @@ from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
 
-from . import meta
+from . import distributed, meta
 from .config import QuantConfig, check_finite
 from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError, TraceError
 from .fake_quantize import FakeQuantize
@@ -143,8 +143,11 @@ def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
             for args in iter_batches(batches, qat, what="calibrate()"):
                 runner.run(*args)
                 seen += 1
-        if seen == 0:
+        if distributed.sum_int(seen) == 0:
             raise CalibrationError("calibrate(): the batches were empty; give at least one batch of real inputs.")
+        if distributed.sum_int(int(seen == 0)):
+            raise CalibrationError("calibrate(): some rank got no batch; give every rank a non-empty shard.")
+        distributed.reduce_observers(qat)  # no-op unless torch.distributed is initialized
     except BaseException:
         _restore_quantizer_state(qat, saved)  # a failed call leaves the graph as it was
         raise
@@ -186,8 +189,11 @@ def measure_error(qat: fx.GraphModule, batches: Iterable) -> ErrorReport:
                 samples += int(args[0].shape[0]) if args[0].dim() else 1
     finally:
         qat.train(was_training)
+    seen, samples = distributed.sum_int(seen), distributed.sum_int(samples)
     if seen == 0:
         raise CalibrationError("measure_error(): the batches were empty; give at least one batch.")
+    distributed.reduce_running(recorder.isolated)  # no-ops unless torch.distributed is initialized
+    distributed.reduce_running(recorder.propagated)
     rows = []
     for node, ninfo in meta.quantized_nodes(qat):
         iso, prop = recorder.isolated[node.name].result(), recorder.propagated[node.name].result()
