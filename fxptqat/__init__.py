@@ -18,6 +18,7 @@ from .api import (
     lower,
     measure_error,
     prepare,
+    reapply_selection,
     select_trainable,
 )
 from .config import QuantConfig
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .fake_quantize import FakeQuantize
 from .parity import ParityReport, ParityRow
+from .persistence import load, save
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, AllLayers, Count, Fraction, NoLayers, Random, Selection, Threshold
 from .stats import ErrorStats
@@ -40,7 +42,8 @@ from .stats import ErrorStats
 __version__ = "0.1.0"
 
 __all__ = [
-    "prepare", "calibrate", "measure_error", "select_trainable", "apply_selection", "finetune", "lower",
+    "prepare", "calibrate", "measure_error", "select_trainable", "apply_selection", "reapply_selection",
+    "finetune", "lower", "save", "load",
     "check_parity", "QuantConfig", "FakeQuantize", "ErrorReport", "ErrorRow", "ErrorStats",
     "ParityReport", "ParityRow", "Selection", "Threshold", "Fraction", "Count", "Random", "AllLayers",
     "NoLayers", "Adaptive", "FxptqatError", "ConfigError", "InputError", "TraceError", "StageError",

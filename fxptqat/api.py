@@ -35,7 +35,7 @@ from .selection import Adaptive, Selection, Threshold
 
 __all__ = [
     "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
-    "trace",
+    "trace", "reapply_selection",
 ]
 
 log = logging.getLogger(__name__)
@@ -251,6 +251,32 @@ def apply_selection(
         graph_id=info.graph_id,
         sources={n.name: i.source for n, i in nodes},
         theta=theta,
+        fingerprint=meta.fingerprint(qat),
+    )
+
+
+def reapply_selection(
+    qat: fx.GraphModule, selection: Selection, *, bn_stats: str = "frozen", float_params: str = "frozen"
+) -> Selection:
+    """Apply a saved Selection (e.g. from ``Selection.from_json``) to a fresh ``prepare()``.
+
+    Refuses a graph whose quantized nodes differ from the ones the selection was made for.
+    """
+    _require(qat, meta.Stage.CALIBRATED, "reapply_selection")
+    if not isinstance(selection, Selection):
+        raise SelectionError(f"reapply_selection(): expected a Selection, got {type(selection).__name__}.")
+    ours = {n.name: i.source for n, i in meta.quantized_nodes(qat)}
+    if meta.fingerprint(qat) != selection.fingerprint or ours != selection.sources:
+        missing = sorted(set(selection.sources) - set(ours))[:5]
+        extra = sorted(set(ours) - set(selection.sources))[:5]
+        raise SelectionError(
+            "reapply_selection(): the selection was made for a different model or config "
+            f"(quantized nodes differ: only in the selection {missing}, only in this graph {extra}, "
+            "or their types/sizes differ). Measure and select on this graph instead."
+        )
+    return apply_selection(
+        qat, set(selection.trainable), policy=selection.policy, bn_stats=bn_stats,
+        float_params=float_params, theta=selection.theta,
     )
 
 

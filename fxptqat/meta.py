@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
 from collections.abc import Iterator
 
 import torch.fx as fx
@@ -27,6 +29,7 @@ __all__ = [
     "set_graph_info",
     "update_graph_info",
     "quantized_nodes",
+    "fingerprint",
 ]
 
 KEY = "fxptqat"
@@ -105,3 +108,9 @@ def quantized_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, NodeInfo]]:
         info = node.meta.get(KEY)
         if info is not None:
             yield node, info
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """Identifies the quantized structure: node names, source modules, types and sizes."""
+    rows = [(n.name, i.source, i.module_type, i.params) for n, i in quantized_nodes(gm)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]

@@ -210,6 +210,7 @@ class Selection:
     graph_id: str
     sources: dict[str, str]  # node name -> module name in the user's model
     theta: float | None = None
+    fingerprint: str = ""  # quantized structure it was made for (fxptqat.meta.fingerprint)
 
     @property
     def trainable_fraction(self) -> float:
