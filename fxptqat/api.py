@@ -21,6 +21,7 @@ from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
+from fxptqat.passes.split_shared_modules import split_shared_modules
 
 from . import distributed, meta
 from .config import QuantConfig, check_finite
@@ -119,6 +120,7 @@ def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = No
     gm = trace(work, config)
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
+    split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
     gm.graph.lint()
     return gm.eval()
@@ -240,6 +242,7 @@ def apply_selection(
     info = _require(qat, meta.Stage.CALIBRATED, "apply_selection")
     mark_trainable(qat, trainable=frozenset(trainable), bn_stats=bn_stats, float_params=float_params)
     nodes = list(meta.quantized_nodes(qat))
+    trainable = {n.name for n, i in nodes if i.trainable}  # tied weights train together
     if info.stage < meta.Stage.SELECTED:
         meta.update_graph_info(qat, stage=meta.Stage.SELECTED)
     return Selection(

@@ -77,6 +77,10 @@ def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
     act = activation_fake_quant(config)
     weight = weight_fake_quant(config)
     mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    # Embeddings take integer indices; torch.ao only quantizes them weight-only with float qparams,
+    # a scheme fxptqat does not simulate: they stay float.
+    for op in (nn.Embedding, nn.EmbeddingBag):
+        mapping.set_object_type(op, None)
     if config.act_bits is None:
         return mapping
     # fbgemm/x86 transposed convs only take per-tensor weights (pytorch/pytorch#47535).

@@ -14,9 +14,11 @@ import warnings
 
 import torch
 import torch.fx as fx
+from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.fx.passes.infra.pass_base import PassResult
+from torch.fx.passes.shape_prop import ShapeProp
 
 from fxptqat import meta
 from fxptqat.config import QuantConfig
@@ -37,6 +39,7 @@ def insert_fake_quant(
     custom = PrepareCustomConfig()
     custom.set_non_traceable_module_classes([m for m in config.leaf_modules if isinstance(m, type)])
     custom.set_non_traceable_module_names([m for m in config.leaf_modules if isinstance(m, str)])
+    non_float = _non_float_nodes(gm, example_inputs)
     was_training = gm.training
     gm.train()  # prepare_qat_fx insists on train mode
     try:
@@ -54,6 +57,7 @@ def insert_fake_quant(
         ) from e
     _transplant(prepared, into=gm)
     gm.train(was_training)
+    _drop_non_float_quantizers(gm, non_float)
     _requantize_cat_inputs(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
@@ -73,6 +77,41 @@ def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
     into.graph = prepared.graph
     into.meta.update(prepared.meta)
     into.recompile()
+
+
+def _non_float_nodes(gm: fx.GraphModule, example_inputs: tuple) -> set[str]:
+    """Names of float-graph nodes whose value is a non-floating tensor (indices, masks)."""
+    was_training = gm.training
+    try:
+        with torch.no_grad():
+            ShapeProp(gm.eval()).propagate(*example_inputs)
+    finally:
+        gm.train(was_training)
+    found = set()
+    for node in gm.graph.nodes:
+        tm = node.meta.pop("tensor_meta", None)
+        if tm is not None and hasattr(tm, "dtype") and not tm.dtype.is_floating_point:
+            found.add(node.name)
+    return found
+
+
+def _drop_non_float_quantizers(gm: fx.GraphModule, non_float: set[str]) -> None:
+    """torch.ao observes every input of a quantizable op, integer and bool masks included; an
+    INT8 kernel cannot take them, so such quantizers are removed (the op then runs in float)."""
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules.get(node.target), FakeQuantizeBase):
+            continue
+        source = node.args[0]
+        if isinstance(source, fx.Node) and source.name in non_float:
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
 
 
 def _requantize_cat_inputs(gm: fx.GraphModule) -> None:

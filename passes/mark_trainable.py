@@ -5,8 +5,9 @@ them through the straight-through estimator of its weight quantizer.
 Frozen node: no parameter requires grad and BatchNorm statistics stop moving
 (``freeze_bn_stats`` on fused conv-bn modules), so the PTQ weights and quantizer parameters
 are kept bit for bit under any optimizer step.
-Parameters outside weighted nodes (LayerNorm, embeddings, unfused BatchNorm) follow
-``float_params``. Quantizer scales are not parameters: they stay as calibration fixed them.
+Nodes whose modules share parameters (a module called twice) train together: if one is
+selected, all are. Parameters outside weighted nodes (LayerNorm, embeddings, unfused BatchNorm)
+follow ``float_params``. Quantizer scales are not parameters: they stay as calibration fixed them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def mark_trainable(
             f"mark_trainable: {unknown[:5]} are not quantized nodes of this graph "
             f"(it has {sorted(known)[:8]}...). Was the selection made for another graph?"
         )
+    trainable = _with_tied(gm, nodes, set(trainable))
     modified = False
     owned: set[int] = set()
     for node, info in nodes.items():
@@ -83,3 +85,16 @@ def _set_grad(p: nn.Parameter, flag: bool) -> bool:
 
 def _inside_owned(module: nn.Module, owned: set[int]) -> bool:
     return any(id(p) in owned for p in module.parameters(recurse=False))
+
+
+def _with_tied(gm: fx.GraphModule, nodes, trainable: set[str]) -> set[str]:
+    """Close ``trainable`` over nodes that share a parameter with a trainable node."""
+    owners: dict[int, set[str]] = {}
+    for node in nodes:
+        for p in gm.get_submodule(node.target).parameters():
+            owners.setdefault(id(p), set()).add(node.name)
+    grown = set(trainable)
+    for names in owners.values():
+        if names & grown:
+            grown |= names
+    return grown
