@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
@@ -25,14 +23,17 @@ from fxptqat.passes.split_shared_modules import split_shared_modules
 
 from . import distributed, meta
 from .config import QuantConfig, check_finite
-from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError, TraceError
+from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError
 from .fake_quantize import FakeQuantize
+from .finetune import finetune
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
 from .lowering import convert
 from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
+from .stages import require
+from .tracing import trace
 
 __all__ = [
     "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
@@ -40,64 +41,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-_NEXT = {
-    meta.Stage.PREPARED: "calibrate",
-    meta.Stage.CALIBRATED: "measure_error",
-    meta.Stage.MEASURED: "select_trainable",
-}
-
-
-# -- tracing --------------------------------------------------------------------------------------
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: tuple) -> None:
-        super().__init__()
-        self.record_stack_traces = True
-        self.leaf_types = tuple(m for m in leaves if isinstance(m, type))
-        self.leaf_names = {m for m in leaves if isinstance(m, str)}
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _user_frame(exc: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
-
-
-def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
-    """Symbolically trace ``model`` (not copied here) with source lines recorded."""
-    tracer = _Tracer(config.leaf_modules)
-    try:
-        graph = tracer.trace(model, concrete_args=dict(config.concrete_args or {}) or None)
-    except Exception as e:
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}{_user_frame(e)}: {type(e).__name__}: {e}. "
-            "Data-dependent control flow and unsupported Python cannot be traced: mark the submodule "
-            "that contains it as a leaf (QuantConfig(leaf_modules=(MyBlock,))) or fix the branch with "
-            "QuantConfig(concrete_args={'flag': True})."
-        ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
-
-
-# -- stage checks ---------------------------------------------------------------------------------
-def _require(qat, at_least: meta.Stage, call: str) -> meta.GraphInfo:
-    info = meta.graph_info(qat) if isinstance(qat, fx.GraphModule) else None
-    if info is None:
-        raise StageError(
-            f"{call}() needs the GraphModule returned by fxptqat.prepare(), got {type(qat).__name__}. "
-            "Call qat = fxptqat.prepare(model, example_inputs) first."
-        )
-    if info.stage < at_least:
-        raise StageError(
-            f"{call}() needs a {at_least.name.lower()} graph but this one is only "
-            f"{info.stage.name.lower()}: call fxptqat.{_NEXT[info.stage]}() first."
-        )
-    return info
 
 
 # -- pipeline -------------------------------------------------------------------------------------
@@ -131,7 +74,7 @@ def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
 
     Returns the number of batches seen.
     """
-    info = _require(qat, meta.Stage.PREPARED, "calibrate")
+    info = require(qat, meta.Stage.PREPARED, "calibrate")
     if info.stage > meta.Stage.PREPARED:
         raise StageError("calibrate(): this graph is already calibrated; call prepare() again to start over.")
     was_training = qat.training
@@ -178,7 +121,7 @@ def _restore_quantizer_state(qat: fx.GraphModule, saved: dict) -> None:
 
 def measure_error(qat: fx.GraphModule, batches: Iterable) -> ErrorReport:
     """Isolated and propagated error of every quantized node, streamed over ``batches``."""
-    info = _require(qat, meta.Stage.CALIBRATED, "measure_error")
+    info = require(qat, meta.Stage.CALIBRATED, "measure_error")
     was_training = qat.training
     qat.eval()
     recorder = ErrorRecorder(qat)
@@ -215,7 +158,7 @@ def select_trainable(
     float_params: str = "frozen",
 ) -> Selection:
     """Apply a policy (default: PTQAT, ``Threshold(0.01)``) and mark trainable/frozen nodes."""
-    info = _require(qat, meta.Stage.CALIBRATED, "select_trainable")
+    info = require(qat, meta.Stage.CALIBRATED, "select_trainable")
     if not isinstance(report, ErrorReport):
         raise SelectionError(f"select_trainable(): report must be an ErrorReport, got {type(report).__name__}.")
     if report.graph_id != info.graph_id:
@@ -239,7 +182,7 @@ def apply_selection(
     float_params: str = "frozen", theta: float | None = None,
 ) -> Selection:
     """Mark ``trainable`` (node names) trainable, freeze the rest, and describe the result."""
-    info = _require(qat, meta.Stage.CALIBRATED, "apply_selection")
+    info = require(qat, meta.Stage.CALIBRATED, "apply_selection")
     mark_trainable(qat, trainable=frozenset(trainable), bn_stats=bn_stats, float_params=float_params)
     nodes = list(meta.quantized_nodes(qat))
     trainable = {n.name for n, i in nodes if i.trainable}  # tied weights train together
@@ -265,7 +208,7 @@ def reapply_selection(
 
     Refuses a graph whose quantized nodes differ from the ones the selection was made for.
     """
-    _require(qat, meta.Stage.CALIBRATED, "reapply_selection")
+    require(qat, meta.Stage.CALIBRATED, "reapply_selection")
     if not isinstance(selection, Selection):
         raise SelectionError(f"reapply_selection(): expected a Selection, got {type(selection).__name__}.")
     ours = {n.name: i.source for n, i in meta.quantized_nodes(qat)}
@@ -283,66 +226,9 @@ def reapply_selection(
     )
 
 
-def finetune(
-    qat: fx.GraphModule,
-    loader: Iterable,
-    loss_fn: Callable,
-    *,
-    steps: int,
-    lr: float = 1e-4,
-    optimizer: str = "adam",
-    progress: bool = True,
-) -> list[float]:
-    """Minimal QAT loop: ``steps`` optimizer steps on the parameters that require grad.
-
-    Each batch is ``(*inputs, target)``; the loader is cycled if it runs out. Returns the losses.
-    """
-    _require(qat, meta.Stage.CALIBRATED, "finetune")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"finetune(): steps must be a positive int, got {steps!r}.")
-    lr = check_finite("finetune", "lr", lr, minimum=0.0)
-    params = [p for p in qat.parameters() if p.requires_grad]
-    if not params:
-        raise SelectionError("finetune(): no parameter requires grad (NoLayers selection?); nothing to train.")
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    else:
-        raise ConfigError(f"finetune(): optimizer={optimizer!r}; choose 'adam' or 'sgd'.")
-    from tqdm.auto import tqdm
-
-    losses: list[float] = []
-    qat.train()
-    bar = tqdm(total=steps, desc="QAT fine-tune", disable=not progress, leave=False)
-    try:
-        while len(losses) < steps:
-            fed = False
-            for batch in loader:
-                fed = True
-                *inputs, target = as_args(batch, what="finetune(): batch")
-                loss = loss_fn(qat(*inputs), target)
-                if not math.isfinite(loss.item()):
-                    raise CalibrationError(f"finetune(): loss became {loss.item()} at step {len(losses)}; lower lr.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if len(losses) >= steps:
-                    break
-            if not fed:
-                raise InputError("finetune(): the loader yielded no batch.")
-    finally:
-        bar.close()
-        qat.eval()
-    return losses
-
-
 def lower(qat: fx.GraphModule) -> fx.GraphModule:
     """INT8 GraphModule (torch.ao convert_fx) computing what the fake-quant graph simulated."""
-    info = _require(qat, meta.Stage.CALIBRATED, "lower")
+    info = require(qat, meta.Stage.CALIBRATED, "lower")
     int8 = convert(qat, info.config)
     qmin, qmax = info.config.weight_qrange
     clamp_int_weights(int8, qmin=qmin, qmax=qmax)
@@ -354,7 +240,7 @@ def check_parity(
     qat: fx.GraphModule, int8: fx.GraphModule, batches: Iterable, *, tolerance_lsb: float = 1.0
 ) -> ParityReport:
     """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`."""
-    _require(qat, meta.Stage.CALIBRATED, "check_parity")
+    require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
     if not isinstance(int8, fx.GraphModule):
         raise InputError(f"check_parity(): int8 must be the GraphModule lower() returned, got {type(int8).__name__}.")

@@ -61,7 +61,7 @@ def _config_from_dict(data: dict) -> QuantConfig:
 
 def save(qat: fx.GraphModule, path: str | os.PathLike) -> None:
     """Write ``qat``'s recipe and state dict to ``path`` (one ``torch.save`` file)."""
-    info = api._require(qat, meta.Stage.CALIBRATED, "save")
+    info = api.require(qat, meta.Stage.CALIBRATED, "save")
     nodes = {
         n.name: {
             "trainable": i.trainable,
