@@ -35,6 +35,33 @@ class SmallNet(nn.Module):
         return self.fc(torch.flatten(torch.cat([z, y], 1), 1))
 
 
+class TwoCats(nn.Module):
+    """conv0's output feeds two torch.cat nodes: torch.ao can put its quantizer in only one cat's
+    sharing group (a pattern ``traceable_models`` draws only rarely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(1, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(2, 1, 1, bias=False)
+
+    def forward(self, x):
+        v1 = self.conv0(x)
+        return torch.cat([self.conv2(torch.cat([v1, self.conv1(x)], 1)), v1], 1)
+
+
+class Twice(nn.Module):
+    """One Linear called at two places."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.h = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.h(self.l(torch.relu(self.l(x))))
+
+
 def make_small_net(seed: int = 0) -> SmallNet:
     torch.manual_seed(seed)
     net = SmallNet().eval()

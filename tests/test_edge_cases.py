@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import fxptqat as fq
 
-from conftest import same_state, state_of
+from conftest import Twice, same_state, state_of
 
 
 def _run(model, example, policy=None):
@@ -19,16 +19,6 @@ def _run(model, example, policy=None):
     parity = fq.check_parity(qat, int8, [example])
     assert same_state(model, before)
     return qat, report, selection, int8, parity
-
-
-class Twice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l = nn.Linear(4, 4)
-        self.h = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.h(self.l(torch.relu(self.l(x))))
 
 
 def test_module_called_twice_gets_one_scale_per_call_and_tied_weights():

@@ -28,6 +28,8 @@ from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
+from conftest import TwoCats
+
 EPS32 = torch.finfo(torch.float32).eps
 # One example (prepare, calibrate, measure, lower... on a small model) takes ~20-100 ms with one
 # torch thread; these counts keep the file near 30 s on 2 cores when every property holds.
@@ -293,24 +295,9 @@ def test_lowered_int8_matches_fake_quant(ab):
     check()
 
 
-class _TwoCats(nn.Module):
-    """conv0's output feeds two torch.cat nodes (a pattern ``traceable_models`` draws only rarely)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(1, 1, 1, bias=False)
-        self.conv1 = nn.Conv2d(1, 1, 1, bias=False)
-        self.conv2 = nn.Conv2d(2, 1, 1, bias=False)
-
-    def forward(self, x):
-        v1 = self.conv0(x)
-        v4 = self.conv2(torch.cat([v1, self.conv1(x)], 1))
-        return torch.cat([v4, v1], 1)
-
-
 def test_lowered_int8_matches_fake_quant_when_one_value_feeds_two_cats():
     torch.manual_seed(0)
-    model = _TwoCats().eval()
+    model = TwoCats().eval()
     x = torch.randn(1, 1, 4, 4)
     qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=8, act_bits=8))
     fq.calibrate(qat, [(x,)])

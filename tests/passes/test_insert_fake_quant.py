@@ -10,7 +10,7 @@ from fxptqat.api import trace
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 
-from conftest import make_small_net, same_state, state_of
+from conftest import TwoCats, make_small_net, same_state, state_of
 
 EX = (torch.randn(2, 1, 6, 6),)
 
@@ -115,20 +115,6 @@ def test_per_tensor_weights():
     insert_fake_quant(gm, config=config, example_inputs=EX)
     wfq = gm.get_submodule("fc").weight_fake_quant
     assert wfq.qscheme == torch.per_tensor_symmetric and (wfq.quant_min, wfq.quant_max) == (-3, 3)
-
-
-class TwoCats(nn.Module):
-    """v1 feeds two concats: torch.ao can put its quantizer in only one cat's sharing group."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv0 = nn.Conv2d(1, 1, 1, bias=False)
-        self.conv1 = nn.Conv2d(1, 1, 1, bias=False)
-        self.conv2 = nn.Conv2d(2, 1, 1, bias=False)
-
-    def forward(self, x):
-        v1 = self.conv0(x)
-        return torch.cat([self.conv2(torch.cat([v1, self.conv1(x)], 1)), v1], 1)
 
 
 def test_every_cat_input_is_on_the_cats_output_grid():

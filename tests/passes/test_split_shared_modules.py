@@ -5,16 +5,7 @@ import torch.nn as nn
 
 from fxptqat.passes.split_shared_modules import split_shared_modules
 
-
-class Twice(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.l = nn.Linear(4, 4)
-        self.h = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.h(self.l(torch.relu(self.l(x))))
-
+from conftest import Twice
 
 GOLDEN = """
 def forward(self, x):
