@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import traceback
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -46,4 +48,22 @@ def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             "that contains it as a leaf (QuantConfig(leaf_modules=(MyBlock,))) or fix the branch with "
             "QuantConfig(concrete_args={'flag': True})."
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if config.concrete_args:
+        _bake_concrete_args(gm.graph, dict(config.concrete_args))
+        gm.recompile()
+    return gm
+
+
+def _bake_concrete_args(graph: fx.Graph, concrete: dict) -> None:
+    """Drop the placeholders of specialised arguments. FX keeps one per concrete argument (renamed,
+    e.g. ``use_b_1``, with the original default) plus an assert that each call repeats the traced
+    value; the prepared graph should take only the remaining inputs."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert and "has been specialized" in str(node.args):
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    for node in list(graph.nodes):
+        base = re.sub(r"_\d+$", "", str(node.target))
+        if node.op == "placeholder" and not node.users and (node.target in concrete or base in concrete):
+            graph.erase_node(node)
