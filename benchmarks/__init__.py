@@ -1,0 +1,1 @@
+"""Benchmarks of fxptqat (not installed with the package): run them from the repository root."""
