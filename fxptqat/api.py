@@ -37,7 +37,7 @@ from .tracing import trace
 
 __all__ = [
     "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
-    "trace", "reapply_selection",
+    "trace", "reapply_selection", "apply_selection",
 ]
 
 log = logging.getLogger(__name__)
