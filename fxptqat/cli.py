@@ -45,6 +45,59 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from .errors import ConfigError
+    from .planning import optimal_qat_fraction, plan_qat, tokens_per_parameter_byte
+
+    if (args.tokens is None) == (args.steps is None):
+        raise ConfigError("plan: give --tokens, or --steps with --tokens-per-step.")
+    if args.steps is not None and args.tokens_per_step is None:
+        raise ConfigError("plan: --steps needs --tokens-per-step (tokens per optimizer step).")
+    tokens = args.tokens if args.tokens is not None else args.steps * args.tokens_per_step
+    s = tokens_per_parameter_byte(tokens, args.params, args.bits)
+    f_star = optimal_qat_fraction(tokens, args.params, args.bits, a=args.a)
+    print(f"fxptqat plan: N={args.params:.4g} parameters, W{args.bits:g} QAT, D={tokens:.4g} tokens")
+    if args.tokens_per_step is None:
+        f = f_star if args.fraction is None else args.fraction
+        if not 0 <= f <= 1:
+            raise ConfigError(f"plan: --fraction must be in [0, 1], got {f}.")
+        rows = [
+            ("tokens per parameter byte S = D / (N*B/8)", f"{s:.4g}"),
+            (f"predicted optimal QAT fraction exp(-{args.a:g}/ln S)", f"{f_star:.3f}"),
+            ("planned QAT fraction", f"{f:.3f}"),
+            ("FP tokens", f"{(1 - f) * tokens:.4g}"),
+            ("QAT tokens", f"{f * tokens:.4g}"),
+        ]
+        summary = {"S": s, "f_star": f_star, "fraction": f, "fp_tokens": (1 - f) * tokens, "qat_tokens": f * tokens}
+    else:
+        plan = plan_qat(
+            params=args.params, bits=args.bits, tokens_per_step=args.tokens_per_step, total_steps=args.steps,
+            tokens=None if args.steps is not None else tokens, fraction=args.fraction, mode=args.mode,
+            warmup=args.warmup, cooldown=args.cooldown, qat_warmup=args.qat_warmup, qat_lr_ratio=args.qat_lr_ratio,
+            min_lr_ratio=args.min_lr_ratio, a=args.a,
+        )
+        rows = plan.describe()
+        summary = {"S": plan.S, "f_star": plan.predicted_fraction, "fraction": plan.fraction,
+                   "fp_steps": plan.fp_steps, "qat_steps": plan.qat_steps, "mode": plan.mode,
+                   "warmup_steps": plan.warmup_steps, "decay_steps": plan.decay_steps,
+                   "qat_warmup_steps": plan.qat_warmup_steps}
+    print(tabulate(rows, headers=["quantity", "value"], disable_numparse=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0
+
+
+def _count(text: str) -> int:
+    """An integer that may be written as 1e5."""
+    value = float(text)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text}")
+    return int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxptqat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_demo)
+    plan = sub.add_parser(
+        "plan", help="split a training run into FP and QAT phases (tokens-per-parameter-byte rule)",
+        description="Print S = D/(N*B/8), the predicted optimal QAT fraction exp(-a/ln S) and the FP/QAT "
+        "split; with --tokens-per-step, also the steps and the LR schedule (fxptqat.planning.plan_qat).",
+    )
+    plan.add_argument("--params", type=float, required=True, help="number of parameters N, e.g. 86e6")
+    plan.add_argument("--bits", type=float, required=True, help="QAT bit width B")
+    plan.add_argument("--tokens", type=float, help="total training tokens D, e.g. 100e9")
+    plan.add_argument("--steps", type=_count, help="total optimizer steps (instead of --tokens)")
+    plan.add_argument("--tokens-per-step", type=float, help="tokens per optimizer step (batch x sequence)")
+    plan.add_argument("--fraction", type=float, help="QAT fraction to plan (default: the predicted optimum)")
+    plan.add_argument("--mode", default="fused", choices=["fused", "separate"],
+                      help="LR cooldown fused into QAT (default) or at the end of each phase")
+    plan.add_argument("--warmup", type=float, default=0.01, help="LR warmup, share of all steps (default 0.01)")
+    plan.add_argument("--cooldown", type=float, default=0.2, help="LR decay, share of all steps (default 0.2)")
+    plan.add_argument("--qat-warmup", type=float, help="separate mode: QAT re-warmup, share of the QAT steps")
+    plan.add_argument("--qat-lr-ratio", type=float, default=1.0, help="separate mode: QAT peak LR / base LR")
+    plan.add_argument("--min-lr-ratio", type=float, default=0.0, help="LR at the end of a decay / base LR")
+    plan.add_argument("--a", type=float, default=6.7297, help="a of exp(-a/ln S) (default: the paper's 6.7297)")
+    plan.add_argument("--json", help="also write the numbers to this JSON file")
+    plan.set_defaults(func=_plan)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
