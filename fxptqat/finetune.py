@@ -22,18 +22,33 @@ def finetune(
     loader: Iterable,
     loss_fn: Callable,
     *,
-    steps: int,
+    steps: int | None = None,
     lr: float = 1e-4,
     optimizer: str = "adam",
     progress: bool = True,
+    plan=None,
 ) -> list[float]:
     """Minimal QAT loop: ``steps`` optimizer steps on the parameters that require grad.
 
     Each batch is ``(*inputs, target)``; the loader is cycled if it runs out. Returns the losses.
+
+    ``plan`` (a :class:`fxptqat.planning.QATPlan`): run its QAT phase, i.e. ``plan.qat_steps``
+    steps with the learning rate following the plan's schedule from ``plan.fp_steps`` on (the
+    fused cooldown, or the separate re-warm and decay), ``lr`` being the schedule's peak.
     """
     require(qat, meta.Stage.CALIBRATED, "finetune")
+    if plan is not None:
+        from .planning import QATPlan
+
+        if not isinstance(plan, QATPlan):
+            raise ConfigError(f"finetune(): plan must be a fxptqat.planning.QATPlan, got {type(plan).__name__}.")
+        if plan.qat_steps < 1:
+            raise ConfigError("finetune(): the plan has no QAT steps (fraction 0); there is nothing to fine-tune.")
+        if steps is not None and steps != plan.qat_steps:
+            raise ConfigError(f"finetune(): steps={steps} contradicts the plan's {plan.qat_steps} QAT steps; omit steps.")
+        steps = plan.qat_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"finetune(): steps must be a positive int, got {steps!r}.")
+        raise ConfigError(f"finetune(): steps must be a positive int (or give a plan), got {steps!r}.")
     lr = check_finite("finetune", "lr", lr, minimum=0.0)
     params = [p for p in qat.parameters() if p.requires_grad]
     if not params:
@@ -44,6 +59,7 @@ def finetune(
         opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     else:
         raise ConfigError(f"finetune(): optimizer={optimizer!r}; choose 'adam' or 'sgd'.")
+    schedule = plan.scheduler(opt, start_step=plan.fp_steps) if plan is not None else None
     from tqdm.auto import tqdm
 
     losses: list[float] = []
@@ -61,6 +77,8 @@ def finetune(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if schedule is not None:
+                    schedule.step()
                 losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
