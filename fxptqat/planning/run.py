@@ -1,0 +1,171 @@
+"""Running a QATPlan: float training, then prepare + calibrate at the planned step, then QAT."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..config import QuantConfig, check_finite
+from ..errors import CalibrationError, ConfigError, InputError
+from ..fake_quantize import FakeQuantize
+from ..inputs import as_args
+from .fraction import _int, _positive
+from .schedule import QATPlan
+
+log = logging.getLogger(__name__)
+
+# -- running a plan --------------------------------------------------------------------------------
+WEIGHT_SCALES = ("track", "frozen")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRun:
+    """What :func:`train_with_plan` returns: the QAT graph (calibrated, quantizers frozen), the
+    training loss and LR of every step, and how many parameters kept their optimizer state."""
+
+    qat: fx.GraphModule
+    losses: tuple[float, ...]
+    lrs: tuple[float, ...]
+    switch_step: int
+    carried_state: int
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        fed = False
+        for batch in loader:
+            fed = True
+            yield batch
+        if not fed:
+            raise InputError("train_with_plan(): the loader yielded no batch.")
+
+
+def _make_optimizer(kind: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ConfigError(f"train_with_plan(): optimizer={kind!r}; choose 'adamw', 'adam' or 'sgd'.")
+
+
+def _weight_quantizers(qat: fx.GraphModule) -> list[tuple[nn.Module, FakeQuantize]]:
+    return [(m, m.weight_fake_quant) for m in qat.modules()
+            if isinstance(getattr(m, "weight_fake_quant", None), FakeQuantize)]
+
+
+def _observe_weights(quantizers, *, freeze: bool) -> None:
+    """Max-abs scale tracking: each forward re-measures the weights; ``freeze`` fixes the final scales."""
+    with torch.no_grad():
+        for module, wfq in quantizers:
+            wfq.activation_post_process.reset_min_max_vals()
+            if freeze:
+                wfq.activation_post_process(module.weight.detach())
+                wfq.freeze()
+            elif wfq.frozen:
+                wfq.enable_observer(True)  # observe + fake-quant: forward sets the scale from this step's weights
+
+
+def train_with_plan(
+    model: nn.Module,
+    example_inputs,
+    loader: Iterable,
+    loss_fn: Callable,
+    plan: QATPlan,
+    *,
+    config: QuantConfig | None = None,
+    lr: float = 1e-3,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.0,
+    calib_batches: int = 4,
+    weight_scales: str = "track",
+    max_grad_norm: float | None = None,
+    progress: bool = False,
+) -> PlanRun:
+    """Train ``model`` in float for ``plan.fp_steps``, then switch fake-quant on and train the QAT graph.
+
+    Each batch is ``(*inputs, target)``; the loader is cycled. ``model`` itself is trained in place
+    during the FP phase. At the switch step, ``fxptqat.prepare(model, example_inputs, config=config)``
+    and ``fxptqat.calibrate`` on the next ``calib_batches`` batches (not counted as steps) give the
+    QAT graph; a new optimizer over its parameters takes over the optimizer state of every parameter
+    whose qualified name and shape are unchanged, and the LR schedule continues at ``plan.fp_steps``.
+    weight_scales: "track" re-measures each weight quantizer's max-abs scale before every QAT step
+        (standard QAT); "frozen" keeps the scales calibration fixed (fxptqat's PTQAT semantics).
+        Activation quantizers (``act_bits=8``) stay as calibration fixed them.
+    With ``plan.qat_steps == 0`` the result is the PTQ graph of the fully trained model.
+    """
+    owner = "train_with_plan()"
+    if not isinstance(plan, QATPlan):
+        raise ConfigError(f"{owner}: plan must be a QATPlan (fxptqat.planning.plan_qat), got {type(plan).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}.")
+    if weight_scales not in WEIGHT_SCALES:
+        raise ConfigError(f"{owner}: weight_scales={weight_scales!r}; choose one of {WEIGHT_SCALES}.")
+    lr = _positive(owner, "lr", lr)
+    weight_decay = check_finite(owner, "weight_decay", weight_decay, minimum=0.0)
+    _int(owner, "calib_batches", calib_batches, 1)
+    if max_grad_norm is not None:
+        max_grad_norm = _positive(owner, "max_grad_norm", max_grad_norm)
+    from tqdm.auto import tqdm
+
+    from ..api import calibrate, prepare  # local: api may import planning (finetune(plan=...))
+
+    stream = _cycle(loader)
+    losses: list[float] = []
+    lrs: list[float] = []
+    bar = tqdm(total=plan.total_steps, desc="FP", disable=not progress, leave=False)
+
+    def run_phase(net: nn.Module, opt, sched, steps: int, quantizers) -> None:
+        net.train()
+        for _ in range(steps):
+            *inputs, target = as_args(next(stream), what=f"{owner}: batch")
+            if quantizers:
+                _observe_weights(quantizers, freeze=False)
+            loss = loss_fn(net(*inputs), target)
+            if not math.isfinite(loss.item()):
+                raise CalibrationError(f"{owner}: loss became {loss.item()} at step {len(losses)}; lower lr.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], max_grad_norm)
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+
+    was_training = model.training
+    try:
+        opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+        run_phase(model, opt, plan.scheduler(opt), plan.fp_steps, [])
+        model.eval()
+        qat = prepare(model, example_inputs, config=config)
+        calibrate(qat, [next(stream) for _ in range(calib_batches)])
+        log.info("QAT switched on at step %d of %d", plan.fp_steps, plan.total_steps)
+        bar.set_description("QAT")
+        quantizers = _weight_quantizers(qat) if weight_scales == "track" else []
+        names = {n: p for n, p in model.named_parameters()}
+        new_params = [(n, p) for n, p in qat.named_parameters() if p.requires_grad]
+        qat_opt = _make_optimizer(optimizer, [p for _, p in new_params], lr, weight_decay)
+        carried = 0
+        for name, p in new_params:
+            old = names.get(name)
+            if old is not None and old.shape == p.shape and old in opt.state:
+                qat_opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[old].items()}
+                carried += 1
+        if plan.qat_steps:
+            run_phase(qat, qat_opt, plan.scheduler(qat_opt, start_step=plan.fp_steps), plan.qat_steps, quantizers)
+            if quantizers:
+                _observe_weights(quantizers, freeze=True)
+    finally:
+        bar.close()
+        model.train(was_training)
+    qat.eval()
+    return PlanRun(qat=qat, losses=tuple(losses), lrs=tuple(lrs), switch_step=plan.fp_steps, carried_state=carried)
