@@ -19,9 +19,10 @@ against its fake-quant graph (``fq.check_parity``; recorded as ``parity_ok``).
 
 Timing: warm-up, then ``repeats`` rounds (20 at batch 32, 60 at batch 1; ``--quick``: 5 and 15).
 In each round every backend runs once, interleaved, so that load from other processes hits all
-backends alike; each timed run is preceded by one untimed run of the same backend (``--cold``
-drops it), so it sees its weights in cache as in back-to-back serving rather than after the other
-backends evicted them. Reported: median and interquartile range per backend; ratios to
+backends alike; each timed run is preceded by a 20 ms pause (``--pause-ms``: onnxruntime's worker
+threads spin after a run and, without it, made the next backend's batch-1 time up to 2x slower) and
+one untimed run of the same backend (``--cold`` drops it), so it sees its weights in cache as in
+back-to-back serving rather than after the other backends evicted them. Reported: median and interquartile range per backend; ratios to
 ``fp32_eager`` and to the fastest peer INT8 path of the same model and batch.
 torch's oneDNN quantized conv (x86 engine) fixes its primitive cache on the first call's shape,
 so the fxptqat model is timed per batch size on a fresh copy (``copy.deepcopy`` repacks)
@@ -547,7 +548,8 @@ def add_ratios(records: list[dict]) -> None:
 
 NOTES = [
     "How measured (details in `benchmarks/deploy.py`): latency is the median of interleaved rounds, each timed "
-    "run preceded by an untimed one of the same backend; the fxptqat model is timed per batch size on a fresh "
+    "run preceded by a short pause (spinning worker threads of the previous backend stop) and an untimed run "
+    "of the same backend; the fxptqat model is timed per batch size on a fresh "
     "copy (torch's oneDNN quantized conv keeps the primitive of its first call's shape). Size: `torch.save` of "
     "the state dict (PT2E: of the constants its graph reads; ORT: the `.onnx` file). Peak RSS: VmHWM above a "
     "baseline taken after the same flow ran on a tiny model, in a fresh process per model: resident weights, "
