@@ -18,6 +18,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
+from fxptqat.passes.pack_with_onednn import onednn_available, pack_with_onednn
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
 from fxptqat.passes.split_shared_modules import split_shared_modules
 
@@ -28,7 +29,7 @@ from .fake_quantize import FakeQuantize
 from .finetune import finetune
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
-from .lowering import convert
+from .lowering import convert, quantized_engine, x86_routes_to_fbgemm
 from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
@@ -229,9 +230,13 @@ def reapply_selection(
 def lower(qat: fx.GraphModule) -> fx.GraphModule:
     """INT8 GraphModule (torch.ao convert_fx) computing what the fake-quant graph simulated."""
     info = require(qat, meta.Stage.CALIBRATED, "lower")
-    int8 = convert(qat, info.config)
-    qmin, qmax = info.config.weight_qrange
-    clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    config = info.config
+    int8 = convert(qat, config)
+    qmin, qmax = config.weight_qrange
+    with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
+        clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    if config.engine == "x86" and onednn_available():
+        pack_with_onednn(int8, select=x86_routes_to_fbgemm)
     replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
     return int8
 
@@ -244,6 +249,11 @@ def check_parity(
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
     if not isinstance(int8, fx.GraphModule):
         raise InputError(f"check_parity(): int8 must be the GraphModule lower() returned, got {type(int8).__name__}.")
+    # On a copy: oneDNN keeps the primitive built for the first batch shape it sees, so a parity
+    # run at one batch size would slow the user's model down at another (measured: batch 1 2x
+    # slower after a batch-8 check). The copy repacks weights, under the engine lowered for.
+    with quantized_engine(meta.graph_info(qat).config.engine):
+        int8 = copy.deepcopy(int8)
     was_training = qat.training
     qat.eval()
     try:

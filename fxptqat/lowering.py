@@ -8,13 +8,14 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
+from torch.ao.quantization.fx.utils import assert_and_get_unique_device
 from torch.ao.quantization.quantize_fx import convert_fx
 
 from .config import QuantConfig
 from .errors import LoweringError
 from .qconfig import backend_config
 
-__all__ = ["convert", "quantized_engine"]
+__all__ = ["convert", "quantized_engine", "x86_routes_to_fbgemm"]
 
 
 @contextlib.contextmanager
@@ -41,3 +42,14 @@ def convert(qat: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             return convert_fx(work, backend_config=backend_config(config))
         except Exception as e:
             raise LoweringError(f"torch.ao convert_fx failed: {type(e).__name__}: {e}") from e
+        finally:
+            assert_and_get_unique_device.cache_clear()  # it would keep ``work`` alive
+
+
+def x86_routes_to_fbgemm(module: torch.nn.Module) -> bool:
+    """Whether torch's x86 engine packs this quantized conv for fbgemm instead of oneDNN.
+
+    torch 2.13 (``should_use_onednn_quant``) sends convs with more than 100 groups to fbgemm,
+    whose depthwise kernel saturates 16-bit pair sums on full-range uint8 inputs.
+    """
+    return getattr(module, "groups", 1) > 100 and not getattr(module, "transposed", False)

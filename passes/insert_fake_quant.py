@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.fx.utils import assert_and_get_unique_device
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
@@ -55,6 +56,10 @@ def insert_fake_quant(
             f"torch.ao prepare_qat_fx failed on the traced graph: {type(e).__name__}: {e}. "
             "If a submodule cannot be traced or quantized, list it in QuantConfig(leaf_modules=...)."
         ) from e
+    finally:
+        # torch.ao memoizes this per module (functools.cache): the cache would keep every model
+        # ever prepared, and its weights, alive.
+        assert_and_get_unique_device.cache_clear()
     _transplant(prepared, into=gm)
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)

@@ -26,6 +26,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
+from fxptqat.passes.pack_with_onednn import onednn_available, pack_with_onednn
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
 from conftest import TwoCats
@@ -179,6 +180,17 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
     second = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
     assert second.modified is False and int8.code == code
     assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
+
+    # repacking for oneDNN: same graph, same integer weights, honest `modified`, then a no-op
+    if onednn_available():
+        pin_all = data.draw(st.booleans(), label="pin every conv/linear")
+        first = pack_with_onednn(int8, select=lambda m: pin_all)
+        assert first.graph_module is int8 and first.modified is (pin_all and bool(ints))
+        int8.graph.lint()
+        assert int8.code == code
+        assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
+        assert pack_with_onednn(int8, select=lambda m: True).modified is (not pin_all and bool(ints))
+        assert pack_with_onednn(int8, select=lambda m: True).modified is False
 
 
 # -- 2. fake-quant off == float ----------------------------------------------------------------------
