@@ -29,7 +29,8 @@ from .fake_quantize import FakeQuantize
 from .finetune import finetune
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
-from .lowering import convert, quantized_engine, x86_routes_to_fbgemm
+from .lowering import convert, quantized_engine, reference, x86_routes_to_fbgemm
+from .lowering_onnx import OnnxRuntimeModule, export_onnx
 from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
@@ -227,12 +228,32 @@ def reapply_selection(
     )
 
 
-def lower(qat: fx.GraphModule) -> fx.GraphModule:
-    """INT8 GraphModule (torch.ao convert_fx) computing what the fake-quant graph simulated."""
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, threads: int | None = None):
+    """The INT8 model computing what the fake-quant graph simulated.
+
+    ``runtime="torch"`` (default): a GraphModule of torch.ao quantized modules (``convert_fx``).
+    ``runtime="onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` running the
+    same quantization as an ONNX QDQ model (needs ``example_inputs`` to export, ``fxptqat[onnx]``);
+    ``threads`` sets its intra-op threads (default: ``torch.get_num_threads()``).
+    """
     info = require(qat, meta.Stage.CALIBRATED, "lower")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"lower(): runtime must be one of {RUNTIMES}, got {runtime!r}.")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"lower(): threads must be a positive int or None, got {threads!r}.")
+    if runtime == "torch" and (example_inputs is not None or threads is not None):
+        raise ConfigError("lower(): example_inputs and threads only apply to runtime='onnxruntime'.")
     config = info.config
-    int8 = convert(qat, config)
     qmin, qmax = config.weight_qrange
+    if runtime == "onnxruntime":
+        ref = reference(qat, config)
+        clamp_int_weights(ref, qmin=qmin, qmax=qmax)
+        return export_onnx(ref, as_args(example_inputs, what="lower(example_inputs=...)") if example_inputs is not None else (),
+                           threads=threads or torch.get_num_threads())
+    int8 = convert(qat, config)
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
         clamp_int_weights(int8, qmin=qmin, qmax=qmax)
     if config.engine == "x86" and onednn_available():
@@ -241,14 +262,20 @@ def lower(qat: fx.GraphModule) -> fx.GraphModule:
     return int8
 
 
-def check_parity(
-    qat: fx.GraphModule, int8: fx.GraphModule, batches: Iterable, *, tolerance_lsb: float = 1.0
-) -> ParityReport:
-    """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`."""
+def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb: float = 1.0) -> ParityReport:
+    """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`.
+
+    For an onnxruntime lowering the nodes are those of the exported reference graph, and the
+    network output is the onnxruntime model's.
+    """
     require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
-    if not isinstance(int8, fx.GraphModule):
-        raise InputError(f"check_parity(): int8 must be the GraphModule lower() returned, got {type(int8).__name__}.")
+    if isinstance(int8, OnnxRuntimeModule):
+        run, int8 = int8, int8.reference
+    elif isinstance(int8, fx.GraphModule):
+        run = None
+    else:
+        raise InputError(f"check_parity(): int8 must be what lower() returned, got {type(int8).__name__}.")
     # On a copy: oneDNN keeps the primitive built for the first batch shape it sees, so a parity
     # run at one batch size would slow the user's model down at another (measured: batch 1 2x
     # slower after a batch-8 check). The copy repacks weights, under the engine lowered for.
@@ -258,6 +285,6 @@ def check_parity(
     qat.eval()
     try:
         with torch.no_grad():
-            return compare(qat, int8, batches, tolerance_lsb=tolerance_lsb)
+            return compare(qat, int8, batches, tolerance_lsb=tolerance_lsb, run=run)
     finally:
         qat.train(was_training)

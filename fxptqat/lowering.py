@@ -9,13 +9,13 @@ from collections.abc import Iterator
 import torch
 import torch.fx as fx
 from torch.ao.quantization.fx.utils import assert_and_get_unique_device
-from torch.ao.quantization.quantize_fx import convert_fx
+from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx
 
 from .config import QuantConfig
 from .errors import LoweringError
 from .qconfig import backend_config
 
-__all__ = ["convert", "quantized_engine", "x86_routes_to_fbgemm"]
+__all__ = ["convert", "reference", "quantized_engine", "x86_routes_to_fbgemm"]
 
 
 @contextlib.contextmanager
@@ -44,6 +44,19 @@ def convert(qat: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             raise LoweringError(f"torch.ao convert_fx failed: {type(e).__name__}: {e}") from e
         finally:
             assert_and_get_unique_device.cache_clear()  # it would keep ``work`` alive
+
+
+def reference(qat: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """Copy ``qat`` and convert the copy to torch.ao's *reference* form with decomposed
+    quantize/dequantize ops (``quantized_decomposed``): float ops between Q/DQ pairs that carry the
+    fake-quant graph's scales and zero points -- the input of other runtimes (ONNX)."""
+    work = copy.deepcopy(qat).eval()
+    try:
+        return _convert_to_reference_decomposed_fx(work, backend_config=backend_config(config))
+    except Exception as e:
+        raise LoweringError(f"torch.ao reference conversion failed: {type(e).__name__}: {e}") from e
+    finally:
+        assert_and_get_unique_device.cache_clear()
 
 
 def x86_routes_to_fbgemm(module: torch.nn.Module) -> bool:

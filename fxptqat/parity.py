@@ -112,7 +112,10 @@ class ParityReport:
         return tabulate(body, headers=head, tablefmt=tablefmt)
 
 
-def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb: float) -> ParityReport:
+def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb: float, run=None) -> ParityReport:
+    """``run``: the lowered model whose network output is compared, when ``int8`` is only its graph:
+    a reference graph, whose modules return float values that its next Q/DQ pair (the same scale
+    and zero point as the fake-quant output quantizer) puts on the grid; that pair is applied here."""
     points = {}  # weighted node -> (its input node, node compared, output step)
     for node, info in meta.quantized_nodes(qat):
         scale = None
@@ -127,13 +130,19 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     for args in iter_batches(batches, qat, what="check_parity()"):
         cap = _Capture(qat, {p for v in points.values() for p in v[:2]})
         q_out = cap.run(*args)
-        run = _Int8Run(int8, {name: cap.values[inp] for name, (inp, _, _) in points.items()})
-        i_out = run.run(*args)
+        runner = _Int8Run(int8, {name: cap.values[inp] for name, (inp, _, _) in points.items()})
+        i_out = runner.run(*args)
+        if run is not None:
+            i_out = run(*args)
         for name, (_, point, scale) in points.items():
             ref = cap.values[point]
+            isolated, propagated = runner.isolated[name], runner.propagated[name]
+            if run is not None and point != name:
+                grid = qat.get_submodule(point)
+                isolated, propagated = grid(isolated), grid(propagated)
             a = acc[name]
-            a[0] = max(a[0], float((run.isolated[name] - ref).abs().max()))
-            diff = (run.propagated[name] - ref).abs()
+            a[0] = max(a[0], float((isolated - ref).abs().max()))
+            diff = (propagated - ref).abs()
             a[1] = max(a[1], float(diff.max()))
             a[2] += int((diff > (scale or 0.0) * 1.001).sum()) if scale else 0
             a[3] += diff.numel()

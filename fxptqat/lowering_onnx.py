@@ -1,0 +1,143 @@
+"""Second lowering: the fake-quant graph as an ONNX QDQ model run by onnxruntime.
+
+torch.ao's quantized CPU kernels pay a fixed cost per call (about 20 us per conv here), which
+dominates at batch 1. This lowering exports the *reference* graph -- torch.ao's decomposed
+``quantize_per_tensor``/``dequantize_per_tensor`` pairs around float ops, with the same scales and
+zero points as the fake-quant graph -- to ONNX QuantizeLinear/DequantizeLinear, stores every
+weight as an int8 initializer (the weight quantize + clamp chains are folded), and lets
+onnxruntime fuse each DQ -> op -> Q into its integer kernels (QLinearConv, MatMulInteger, ...).
+
+Only this module imports ``onnx`` and ``onnxruntime``; both are optional (``pip install
+fxptqat[onnx]``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import LoweringError
+
+__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization"]
+
+_FOLDABLE = ("QuantizeLinear", "Clip", "Cast")
+
+
+def _import():
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as e:
+        raise LoweringError(
+            f"lower(runtime='onnxruntime') needs onnx, onnxscript and onnxruntime ({e}); "
+            "install them with `pip install fxptqat[onnx]`."
+        ) from e
+    return onnx, onnxruntime
+
+
+def fold_weight_quantization(model) -> int:
+    """Replace constant QuantizeLinear/Clip/Cast chains by their integer results; returns the count.
+
+    The exported graph quantizes each float weight at run time (QuantizeLinear -> Clip to the
+    restricted range -> DequantizeLinear); after folding, the int8 weight is the initializer and
+    the float one is dropped, so the file holds 1 byte per weight.
+    """
+    onnx, _ = _import()
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    values = {init.name: init for init in graph.initializer}
+    opsets = {o.domain: o.version for o in model.opset_import}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type not in _FOLDABLE or not all(i in values for i in node.input if i):
+            continue
+        inputs = {name: numpy_helper.to_array(values[name]) for name in node.input if name}
+        evaluator = ReferenceEvaluator(onnx.helper.make_graph(
+            [node], "fold", [onnx.helper.make_tensor_value_info(n, values[n].data_type, None) for n in inputs],
+            [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+        ), opsets=opsets)
+        for name, array in zip(node.output, evaluator.run(None, inputs), strict=True):
+            values[name] = numpy_helper.from_array(np.asarray(array), name)
+            graph.initializer.append(values[name])
+        graph.node.remove(node)
+        folded += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return folded
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An onnxruntime session behind ``nn.Module``: tensors in, tensors out.
+
+    ``reference`` is the torch.ao reference GraphModule that was exported; :func:`fxptqat.check_parity`
+    compares it node by node with the fake-quant graph and this module end to end.
+    """
+
+    def __init__(self, model_bytes: bytes, reference: fx.GraphModule, *, threads: int) -> None:
+        super().__init__()
+        self.model_bytes = model_bytes
+        self.reference = reference
+        self.threads = threads
+        self._start()
+
+    def _start(self) -> None:
+        _, ort = _import()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.model_bytes)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "wb") as f:
+            f.write(self.model_bytes)
+
+    def forward(self, *args):
+        if len(args) != len(self.input_names):
+            raise LoweringError(f"this ONNX model takes {len(self.input_names)} tensor inputs, got {len(args)}.")
+        feed = {name: a.detach().cpu().numpy() for name, a in zip(self.input_names, args, strict=True)}
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feed)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("session", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._start()
+
+
+def export_onnx(reference: fx.GraphModule, example_inputs: tuple, *, threads: int) -> OnnxRuntimeModule:
+    """Export ``reference`` (batch dimension dynamic) and open it with onnxruntime."""
+    onnx, _ = _import()
+    if not example_inputs or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in example_inputs):
+        raise LoweringError("lower(runtime='onnxruntime') needs example_inputs: a tuple of batched tensors.")
+    # torch.export specializes sizes 0 and 1: export at batch 2 so the batch stays symbolic
+    args = tuple(a[:1].expand(2, *a.shape[1:]).contiguous() for a in example_inputs)
+    batch = torch.export.Dim("batch", min=1)
+    dynamic = tuple({0: batch} for _ in args)
+    try:
+        program = torch.onnx.export(reference, args, dynamo=True, dynamic_shapes=dynamic, optimize=True,
+                                    verbose=False)
+    except Exception as e:
+        raise LoweringError(f"ONNX export of the reference graph failed: {type(e).__name__}: {e}") from e
+    model = program.model_proto
+    fold_weight_quantization(model)
+    for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of the file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.checker.check_model(model)
+    return OnnxRuntimeModule(model.SerializeToString(), reference, threads=threads)
