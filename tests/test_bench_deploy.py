@@ -44,12 +44,13 @@ def _records(path: Path) -> dict[str, dict]:
 
 def test_tiny_run_writes_schema(deploy, tmp_path):
     out, md = tmp_path / "deploy.json", tmp_path / "deploy.md"
-    assert deploy.main([*TINY, "--backends", "fp32_eager", "fxptqat_int8", "--json", str(out),
-                        "--md", str(md)]) == 0
+    assert deploy.main([*TINY, "--backends", "fp32_eager", "fxptqat_int8", "fxptqat_int8_onnxruntime",
+                        "--json", str(out), "--md", str(md)]) == 0
     recs = _records(out)
-    assert set(recs) == {"fp32_eager", "fxptqat_int8"}
-    fp32, int8 = recs["fp32_eager"], recs["fxptqat_int8"]
-    for r in (fp32, int8):
+    assert set(recs) == {"fp32_eager", "fxptqat_int8", "fxptqat_int8_onnxruntime"}
+    fp32, int8, ort = recs["fp32_eager"], recs["fxptqat_int8"], recs["fxptqat_int8_onnxruntime"]
+    assert ort["parity_ok"] is True and ort["size_bytes"] > 0
+    for r in (fp32, int8, ort):
         assert r["status"] == "ok" and r["model"] == "vit" and r["batch"] == 1
         assert r["latency_ms"] > 0 and r["size_bytes"] > 0
         assert r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"]
