@@ -11,6 +11,8 @@ fp32_compile           ``torch.compile`` (inductor, ``freezing=True``, static sh
 fxptqat_int8           ``fq.lower()`` of ``fq.prepare`` + ``fq.calibrate`` (W8A8, x86 engine)
 fxptqat_int8_onnx...   ``fq.lower(runtime="onnxruntime")`` of the same calibrated graph: fxptqat's
                        own scales exported as an ONNX QDQ model, run by onnxruntime
+fxptqat_int8_inductor  ``fq.lower(runtime="inductor")``: the same reference QDQ graph compiled by
+                       ``torch.compile`` (inductor, freezing, static shapes)
 pt2e_inductor_int8     torchao PT2E + ``X86InductorQuantizer`` + ``torch.compile`` (freezing)
 ort_int8               ONNX export of the float model + onnxruntime ``quantize_static`` (QDQ,
                        per-channel s8 weights, u8 activations, MinMax), CPU execution provider
@@ -28,12 +30,14 @@ back-to-back serving rather than after the other backends evicted them. Reported
 ``fp32_eager`` and to the fastest peer INT8 path of the same model and batch.
 torch's oneDNN quantized conv (x86 engine) fixes its primitive cache on the first call's shape,
 so the fxptqat model is timed per batch size on a fresh copy (``copy.deepcopy`` repacks)
-whose first call is at that batch size; ``check_parity`` runs on another copy.
+whose first call is at that batch size (``check_parity`` works on a copy).
 
 Size (``size_bytes``): the serialized artifact one would ship. Torch modules: ``torch.save`` of
 the state dict (for torch.ao INT8 modules it holds the int8 packed weights and their qparams);
 the PT2E model: ``torch.save`` of the tensors its graph reads (``get_attr`` constants: int8 weights,
-scales, biases; its state dict also holds the dead float weights); ORT: the ``.onnx`` file.
+scales, biases; its state dict also holds the dead float weights); ORT and fxptqat's onnxruntime
+lowering: the ``.onnx`` file; fxptqat's inductor lowering: ``torch.save`` of its weights as int8
+(what freezing folds them to) plus the float rest (biases, norms, qparams).
 
 Memory (``peak_rss_mb``): one fresh subprocess per model measures every backend in turn. Per
 backend it first runs the same flow on a tiny model of the same layer types (lazy imports, kernel
@@ -73,9 +77,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deploy_models import build  # noqa: E402
 
-BACKENDS = ("fp32_eager", "fp32_compile", "fxptqat_int8", "fxptqat_int8_onnxruntime", "pt2e_inductor_int8",
-            "ort_int8")
-OURS = ("fxptqat_int8", "fxptqat_int8_onnxruntime")
+BACKENDS = ("fp32_eager", "fp32_compile", "fxptqat_int8", "fxptqat_int8_onnxruntime", "fxptqat_int8_inductor",
+            "pt2e_inductor_int8", "ort_int8")
+OURS = ("fxptqat_int8", "fxptqat_int8_onnxruntime", "fxptqat_int8_inductor")
 PEERS = ("pt2e_inductor_int8", "ort_int8")
 MODELS = ("resnet18", "mobilenetv2", "vit")
 CNNS = ("resnet18", "mobilenetv2")
@@ -192,6 +196,15 @@ def build_fxptqat_ort(ctx) -> Backend:
     return Backend("fxptqat_int8_onnxruntime", _no_grad(lowered), lowered.size_bytes, info=info, keep=[lowered])
 
 
+def build_fxptqat_inductor(ctx) -> Backend:
+    import fxptqat as fq
+
+    qat = _fxptqat_calibrated(ctx)
+    lowered = fq.lower(qat, runtime="inductor", example_inputs=ctx.calib[0])
+    info = _parity_info(qat, lowered, ctx) if ctx.parity else {}
+    return Backend("fxptqat_int8_inductor", lowered, lowered.size_bytes, info=info, keep=[lowered])
+
+
 def build_pt2e(ctx) -> Backend:
     _inductor_config()
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
@@ -268,6 +281,7 @@ BUILDERS = {
     "fp32_compile": build_fp32_compile,
     "fxptqat_int8": build_fxptqat,
     "fxptqat_int8_onnxruntime": build_fxptqat_ort,
+    "fxptqat_int8_inductor": build_fxptqat_inductor,
     "pt2e_inductor_int8": build_pt2e,
     "ort_int8": build_ort,
 }

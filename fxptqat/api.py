@@ -15,6 +15,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
@@ -30,6 +32,7 @@ from .finetune import finetune
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
 from .lowering import convert, quantized_engine, reference, x86_routes_to_fbgemm
+from .lowering_inductor import InductorModule, compile_inductor
 from .lowering_onnx import OnnxRuntimeModule, export_onnx
 from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
@@ -67,6 +70,7 @@ def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = No
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
+    fit_observers_to_clamps(gm)
     gm.graph.lint()
     return gm.eval()
 
@@ -228,49 +232,57 @@ def reapply_selection(
     )
 
 
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "inductor")
 
 
 def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, threads: int | None = None):
     """The INT8 model computing what the fake-quant graph simulated.
 
-    ``runtime="torch"`` (default): a GraphModule of torch.ao quantized modules (``convert_fx``).
-    ``runtime="onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` running the
-    same quantization as an ONNX QDQ model (needs ``example_inputs`` to export, ``fxptqat[onnx]``);
-    ``threads`` sets its intra-op threads (default: ``torch.get_num_threads()``).
+    ``runtime="torch"`` (default): a GraphModule of torch.ao quantized modules (``convert_fx``),
+    eager CPU kernels. The other runtimes take torch.ao's *reference* graph (the same scales and
+    zero points as decomposed quantize/dequantize ops) and need ``example_inputs``:
+    ``"onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` (ONNX QDQ model with
+    int8 weights; ``threads`` sets its intra-op threads, default ``torch.get_num_threads()``;
+    needs ``fxptqat[onnx]``); ``"inductor"``: an :class:`~fxptqat.lowering_inductor.InductorModule`
+    (``torch.compile`` with weight freezing; each new input shape compiles once).
     """
     info = require(qat, meta.Stage.CALIBRATED, "lower")
     if runtime not in RUNTIMES:
         raise ConfigError(f"lower(): runtime must be one of {RUNTIMES}, got {runtime!r}.")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"lower(): threads must be a positive int or None, got {threads!r}.")
-    if runtime == "torch" and (example_inputs is not None or threads is not None):
-        raise ConfigError("lower(): example_inputs and threads only apply to runtime='onnxruntime'.")
+    if threads is not None and runtime != "onnxruntime":
+        raise ConfigError("lower(): threads only applies to runtime='onnxruntime'.")
+    if runtime == "torch" and example_inputs is not None:
+        raise ConfigError("lower(): example_inputs only apply to runtime='onnxruntime' or 'inductor'.")
     config = info.config
     qmin, qmax = config.weight_qrange
-    if runtime == "onnxruntime":
+    if runtime != "torch":
+        args = () if example_inputs is None else as_args(example_inputs, what="lower(example_inputs=...)")
         ref = reference(qat, config)
         clamp_int_weights(ref, qmin=qmin, qmax=qmax)
-        return export_onnx(ref, as_args(example_inputs, what="lower(example_inputs=...)") if example_inputs is not None else (),
-                           threads=threads or torch.get_num_threads())
+        if runtime == "inductor":
+            return compile_inductor(ref, args)
+        return export_onnx(ref, args, threads=threads or torch.get_num_threads())
     int8 = convert(qat, config)
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
         clamp_int_weights(int8, qmin=qmin, qmax=qmax)
     if config.engine == "x86" and onednn_available():
         pack_with_onednn(int8, select=x86_routes_to_fbgemm)
     replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
+    drop_noop_clamps(int8)
     return int8
 
 
 def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb: float = 1.0) -> ParityReport:
     """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`.
 
-    For an onnxruntime lowering the nodes are those of the exported reference graph, and the
-    network output is the onnxruntime model's.
+    For the onnxruntime and inductor lowerings the nodes are those of the reference graph they
+    were made from, and the network output is the lowered model's.
     """
     require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
-    if isinstance(int8, OnnxRuntimeModule):
+    if isinstance(int8, (OnnxRuntimeModule, InductorModule)):
         run, int8 = int8, int8.reference
     elif isinstance(int8, fx.GraphModule):
         run = None

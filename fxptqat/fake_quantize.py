@@ -29,6 +29,9 @@ class FakeQuantize(_AOFakeQuantize):
         super().__init__(*args, **kwargs)
         self._observe = bool(self.observer_enabled[0])
         self._fake_quant = bool(self.fake_quant_enabled[0])
+        # (low, high): the observer sees values clamped to this range. Set by
+        # passes/fit_observers_to_clamps.py where every consumer clamps the value anyway.
+        self.observe_range: tuple[float, float] | None = None
 
     # -- switches: keep the buffers (used by torch.ao and DDP) and the bools in step ------------
     @torch.jit.unused
@@ -63,7 +66,10 @@ class FakeQuantize(_AOFakeQuantize):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if self._observe:
-            self.activation_post_process(X.detach())
+            seen = X.detach()
+            if self.observe_range is not None:
+                seen = seen.clamp(*self.observe_range)
+            self.activation_post_process(seen)
             if not self._fake_quant:
                 # Calibration: statistics only; freeze() computes qparams once at the end.
                 return X

@@ -135,8 +135,14 @@ class ErrorRecorder(CheckedInterpreter):
         _check_finite(n, pair.q, "measure_error (quantized network)")
         owner = self.observe_at.get(n.name)
         if owner is not None:
-            self.propagated[owner].update(pair.q, pair.f)
-            self.isolated[owner].update(pair.iso, pair.f)
+            q, iso, f = pair.q, pair.iso, pair.f
+            grid = self.fetch_attr(n.target) if n.op == "call_module" else None
+            if getattr(grid, "observe_range", None) is not None:
+                # every consumer clamps this value (passes/fit_observers_to_clamps.py): the error
+                # the network sees is between the clamped values
+                q, iso, f = (v.clamp(*grid.observe_range) for v in (q, iso, f))
+            self.propagated[owner].update(q, f)
+            self.isolated[owner].update(iso, f)
             pair.iso = None
         return pair
 

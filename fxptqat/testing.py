@@ -1,7 +1,7 @@
 """Hypothesis strategies for property-testing torch.fx graph rewrites.
 
 :func:`traceable_models` draws ``(model, example_inputs)`` pairs that are valid by
-construction: small conv / linear networks with BatchNorm, ReLU, residual adds,
+construction: small conv / linear networks with BatchNorm, ReLU or ReLU6, residual adds,
 channel concatenation and fan-out, deterministically initialised from a drawn seed
 and returned in eval mode.  Every model traces with :func:`torch.fx.symbolic_trace`.
 
@@ -150,6 +150,8 @@ def _make_module(spec: tuple[Any, ...], g: torch.Generator) -> nn.Module:
         return bn
     if kind == "relu":
         return nn.ReLU()
+    if kind == "relu6":
+        return nn.ReLU6()
     if kind == "pool":
         return nn.AdaptiveAvgPool2d(1)
     raise ValueError(f"unknown layer spec {spec!r}")  # pragma: no cover
@@ -200,10 +202,11 @@ class _Builder:
         return self.emit("call", name, (src,), width)
 
     def relu(self, src: str, width: int) -> str:
-        return self.layer("relu", ("relu",), src, width) if self.draw(st.booleans()) else src
+        kind = self.draw(st.sampled_from(("none", "relu", "relu6")))
+        return src if kind == "none" else self.layer(kind, (kind,), src, width)
 
     def unit(self, src: str, c_in: int, c_out: int | None = None) -> tuple[str, int]:
-        """A conv (+BN) (+ReLU) or linear (+ReLU) layer; ``c_out`` forces the output width."""
+        """A conv (+BN) (+ReLU or ReLU6) or linear (+ReLU or ReLU6) layer; ``c_out`` forces the output width."""
         draw, cfg = self.draw, self.cfg
         if self.conv:
             dw = cfg.allow_depthwise and c_in > 1 and c_out in (None, c_in) and draw(st.booleans())
@@ -293,11 +296,11 @@ def traceable_models(
 
     A model is 1..``max_layers`` blocks.  Conv models take ``(N, C, H, W)`` with ``H == W`` in
     4..8; a block is Conv2d (kernel 1 or 3, same padding, optionally depthwise) with optional
-    BatchNorm2d and ReLU, a residual ``body(x) + skip`` (skip: any earlier value of the same
-    shape, optional ReLU after), a ``torch.cat(dim=1)`` of a body with an earlier value, or a
+    BatchNorm2d and ReLU or ReLU6, a residual ``body(x) + skip`` (skip: any earlier value of the same
+    shape, optional ReLU or ReLU6 after), a ``torch.cat(dim=1)`` of a body with an earlier value, or a
     two-branch block (one value feeds two layers, merged by add or cat).  Conv models end
     either on the conv output or on AdaptiveAvgPool2d + flatten (+ Linear head).  Linear-only
-    models take ``(N, F)`` and use Linear (+ReLU) in the same block shapes.  Channel / feature
+    models take ``(N, F)`` and use Linear (+ReLU or ReLU6) in the same block shapes.  Channel / feature
     counts never exceed ``max_channels``.  Residual and cat need one value read twice, so with
     ``allow_fanout=False`` every value in the graph has exactly one user.  Parameters, BN
     statistics and inputs come from a ``torch.Generator`` seeded by a drawn seed (the global

@@ -482,7 +482,7 @@ def test_finetune_with_nothing_trainable_or_empty_loader(calibrated):
 
 
 def test_check_parity_rejects_non_graph_int8_and_bad_tolerance(mlp, calibrated):
-    with pytest.raises(fq.InputError, match="int8 must be the GraphModule"):
+    with pytest.raises(fq.InputError, match=r"int8 must be what lower\(\) returned"):
         fq.check_parity(calibrated, mlp, [X])
     with pytest.raises(fq.ConfigError, match="tolerance_lsb"):
         fq.check_parity(calibrated, calibrated, [X], tolerance_lsb=-1.0)

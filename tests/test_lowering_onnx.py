@@ -109,7 +109,10 @@ def test_weight_only_graph(small_net, small_batches):
         ({"runtime": "onnxruntime", "example_inputs": "x"}, fq.FxptqatError, "tensor"),
         ({"runtime": "onnxruntime", "threads": 0}, ConfigError, "threads"),
         ({"runtime": "onnxruntime", "threads": True}, ConfigError, "threads"),
-        ({"threads": 2}, ConfigError, "only apply to runtime='onnxruntime'"),
+        ({"threads": 2}, ConfigError, "only applies to runtime='onnxruntime'"),
+        ({"runtime": "inductor", "threads": 2}, ConfigError, "only applies to runtime='onnxruntime'"),
+        ({"example_inputs": (torch.zeros(1),)}, ConfigError, "only apply to runtime='onnxruntime' or 'inductor'"),
+        ({"runtime": "inductor"}, LoweringError, "needs example_inputs"),
     ],
 )
 def test_bad_arguments_raise_typed_errors_and_leave_the_graph(small_net, small_batches, kwargs, error, match):

@@ -1,0 +1,76 @@
+"""Third lowering: the reference QDQ graph compiled by torch.compile (inductor, weight freezing).
+
+The reference graph (see :func:`fxptqat.lowering.reference`) carries the fake-quant graph's scales
+and zero points as decomposed ``quantize_per_tensor``/``dequantize_per_tensor`` ops around float
+ops. With ``freezing`` inductor folds each weight's quantize/dequantize into an int8 constant,
+matches ``dequantize -> conv/linear -> quantize`` into oneDNN's integer kernels and fuses the
+element-wise rest (GELU, softmax, layer norm, residual adds) with their Q/DQ into generated loops:
+the same code path as torchao's PT2E + X86InductorQuantizer, fed fxptqat's quantization.
+
+``freezing`` is an inductor *global* setting; :class:`InductorModule` sets it only around its own
+calls (compilation happens at a call), so the process's other compiled models keep theirs.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
+
+from .errors import LoweringError
+
+__all__ = ["InductorModule", "compile_inductor"]
+
+
+class InductorModule(nn.Module):
+    """``torch.compile(reference)`` behind ``nn.Module``, for inference (runs under ``no_grad``).
+
+    Each new input shape compiles once, statically (seconds to a minute; inductor's quantized conv
+    lowering fails on dynamic shapes in torch 2.13); ``reference`` is what
+    :func:`fxptqat.check_parity` compares node by node.
+    """
+
+    def __init__(self, reference: fx.GraphModule) -> None:
+        super().__init__()
+        self.reference = reference.eval()
+        # not a submodule: the compiled wrapper holds ``reference`` again
+        self.__dict__["compiled"] = torch.compile(reference, backend="inductor", dynamic=False)
+
+    def forward(self, *args):
+        with torch._inductor.config.patch(freezing=True), torch.no_grad():
+            return self.compiled(*args)
+
+    @property
+    def size_bytes(self) -> int:
+        """``torch.save`` of what inference reads: int8 weights (as frozen), the float rest."""
+        tensors = {}
+        for name, module in self.reference.named_modules():
+            if isinstance(module, ReferenceQuantizedModule):
+                weight = module.get_quantized_weight()  # int8 already in the decomposed form
+                tensors[f"{name}.weight"] = weight.int_repr() if weight.is_quantized else weight
+                tensors[f"{name}.weight_scale"] = module.weight_scale
+        for name, t in self.reference.state_dict().items():
+            owner = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and f"{owner}.weight" in tensors:
+                continue
+            if "weight_scale" in name or "weight_zero_point" in name or "weight_axis" in name:
+                continue
+            tensors[name] = t
+        buffer = io.BytesIO()
+        torch.save(tensors, buffer)
+        return buffer.tell()
+
+
+def compile_inductor(reference: fx.GraphModule, example_inputs: tuple) -> InductorModule:
+    """Compile for ``example_inputs``' shapes now, so that a failure surfaces here."""
+    if not example_inputs or not all(isinstance(a, torch.Tensor) for a in example_inputs):
+        raise LoweringError("lower(runtime='inductor') needs example_inputs: a tuple of tensors.")
+    module = InductorModule(reference)
+    try:
+        module(*example_inputs)
+    except Exception as e:
+        raise LoweringError(f"torch.compile (inductor) of the reference graph failed: {type(e).__name__}: {e}") from e
+    return module

@@ -1,0 +1,50 @@
+import torch
+import torch.nn as nn
+from test_fit_observers_to_clamps import ConvReLU6, _conv_output_quantizer, _data
+
+import fxptqat as fq
+from fxptqat import meta
+from fxptqat.lowering import convert
+from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+
+
+def _calibrated(fit: bool = True):
+    torch.manual_seed(0)
+    qat = fq.prepare(ConvReLU6(nn.ReLU6()).eval(), _data()[0])
+    if not fit:
+        _conv_output_quantizer(qat).observe_range = None
+    fq.calibrate(qat, _data())
+    return qat
+
+
+def _relu6_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU6)]
+
+
+def test_drops_relu6_whose_input_grid_lies_inside_and_keeps_outputs_bit_identical():
+    qat = _calibrated()
+    int8 = convert(qat, meta.graph_info(qat).config)
+    (x,) = _data()[0]
+    before = int8(x)
+    assert len(_relu6_nodes(int8)) == 1
+    result = drop_noop_clamps(int8)
+    assert result.modified is True and result.graph_module is int8
+    int8.graph.lint()
+    assert not _relu6_nodes(int8) and not hasattr(int8, "act")
+    assert torch.equal(int8(x), before)
+    code = int8.code
+    assert drop_noop_clamps(int8).modified is False and int8.code == code
+
+
+def test_keeps_a_clamp_that_cuts_the_grid():
+    qat = _calibrated(fit=False)  # torch.ao's own range: signed, beyond 6
+    int8 = convert(qat, meta.graph_info(qat).config)
+    assert drop_noop_clamps(int8).modified is False
+    assert len(_relu6_nodes(int8)) == 1
+
+
+def test_lower_applies_it_with_parity():
+    qat = _calibrated()
+    int8 = fq.lower(qat)
+    assert not _relu6_nodes(int8)
+    assert fq.check_parity(qat, int8, _data()).ok

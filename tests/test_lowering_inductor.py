@@ -1,0 +1,44 @@
+"""lower(runtime="inductor"): the reference QDQ graph compiled by torch.compile with freezing."""
+
+import pytest
+import torch
+
+import fxptqat as fq
+from fxptqat.lowering_inductor import InductorModule
+
+from conftest import same_state, state_of
+
+
+@pytest.fixture(scope="module")
+def lowered_small_net():
+    from conftest import make_small_net
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 1, 6, 6, generator=g),) for _ in range(3)]
+    qat = fq.prepare(make_small_net(), batches[0])
+    fq.calibrate(qat, batches)
+    before = state_of(qat)
+    freezing = torch._inductor.config.freezing
+    lowered = fq.lower(qat, runtime="inductor", example_inputs=batches[0])
+    assert torch._inductor.config.freezing == freezing  # set only around its own calls
+    assert same_state(qat, before)
+    return qat, lowered, batches
+
+
+def test_matches_fake_quant_node_by_node_and_at_the_output(lowered_small_net):
+    qat, lowered, batches = lowered_small_net
+    assert isinstance(lowered, InductorModule)
+    parity = fq.check_parity(qat, lowered, batches)
+    assert parity.ok, parity.table()
+    assert parity.top1_agreement == 1.0
+    out = next(n for n in qat.graph.nodes if n.op == "output").args[0]
+    step = float(qat.get_submodule(out.target).scale)
+    assert parity.output_max_abs <= 3 * step + 1e-6
+
+
+def test_other_batch_sizes_and_size(lowered_small_net):
+    qat, lowered, _ = lowered_small_net
+    x = torch.randn(3, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), qat.eval()(x), atol=3 * 0.05, rtol=0)
+    assert 0 < lowered.size_bytes
