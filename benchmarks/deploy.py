@@ -11,7 +11,9 @@ fp32_compile           ``torch.compile`` (inductor, ``freezing=True``, static sh
 fxptqat_int8           ``fq.lower()`` of ``fq.prepare`` + ``fq.calibrate`` (W8A8, x86 engine)
 fxptqat_int8_onnx...   ``fq.lower(runtime="onnxruntime")`` of the same calibrated graph: fxptqat's
                        own scales exported as an ONNX QDQ model, run by onnxruntime
-fxptqat_int8_inductor  ``fq.lower(runtime="inductor")``: the same reference QDQ graph compiled by
+fxptqat_int8_inductor  ``fq.lower(runtime="inductor")`` of a graph calibrated with
+                       ``QuantConfig(quantized_ops="weighted")`` (only conv/linear quantized, the
+                       recipe of X86InductorQuantizer): its reference QDQ graph compiled by
                        ``torch.compile`` (inductor, freezing, static shapes)
 pt2e_inductor_int8     torchao PT2E + ``X86InductorQuantizer`` + ``torch.compile`` (freezing)
 ort_int8               ONNX export of the float model + onnxruntime ``quantize_static`` (QDQ,
@@ -150,10 +152,10 @@ def build_fp32_compile(ctx) -> Backend:
     return Backend("fp32_compile", _no_grad(compiled), _state_dict_bytes(model), keep=[model, compiled])
 
 
-def _fxptqat_calibrated(ctx):
+def _fxptqat_calibrated(ctx, **options):
     import fxptqat as fq
 
-    config = fq.QuantConfig(weight_bits=8, act_bits=8, **ctx.fxptqat_options)
+    config = fq.QuantConfig(weight_bits=8, act_bits=8, **{**ctx.fxptqat_options, **options})
     qat = fq.prepare(ctx.model, ctx.calib[0], config=config)
     fq.calibrate(qat, ctx.calib)
     return qat
@@ -199,7 +201,8 @@ def build_fxptqat_ort(ctx) -> Backend:
 def build_fxptqat_inductor(ctx) -> Backend:
     import fxptqat as fq
 
-    qat = _fxptqat_calibrated(ctx)
+    # PT2E's recipe: conv/linear quantized, the rest float (inductor fuses it)
+    qat = _fxptqat_calibrated(ctx, quantized_ops="weighted")
     lowered = fq.lower(qat, runtime="inductor", example_inputs=ctx.calib[0])
     info = _parity_info(qat, lowered, ctx) if ctx.parity else {}
     return Backend("fxptqat_int8_inductor", lowered, lowered.size_bytes, info=info, keep=[lowered])

@@ -13,11 +13,12 @@ import torch.nn as nn
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "ENGINES", "strict_options", "check_finite"]
+__all__ = ["QuantConfig", "ENGINES", "QUANTIZED_OPS", "strict_options", "check_finite"]
 
 # onednn is left out: its conv-bn-add-relu fusion pattern cannot be prepared for QAT in torch 2.13
 # ("Cannot fuse train modules").
 ENGINES = ("x86", "fbgemm", "qnnpack")
+QUANTIZED_OPS = ("all", "weighted")
 
 
 def strict_options(cls):
@@ -73,6 +74,11 @@ class QuantConfig:
     per_channel: per-output-channel weight scales (default) or one scale per tensor.
     engine: torch.ao backend: "x86" (default), "fbgemm" or "qnnpack".
     reduce_range: use 7-bit activations (needed on CPUs without VNNI for fbgemm/x86 kernels).
+    quantized_ops: "all" (default): every op torch.ao can quantize runs on INT8 activations
+        (adds, pooling, GELU, softmax, layer norm, matmul, ...); "weighted": only conv and linear
+        layers are quantized (their inputs and outputs), everything between them stays float --
+        the recipe of torchao's X86InductorQuantizer, the fastest for ``lower(runtime="inductor")``
+        on transformers, whose float element-wise ops inductor fuses.
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
     """
@@ -82,6 +88,7 @@ class QuantConfig:
     per_channel: bool = True
     engine: str = "x86"
     reduce_range: bool = False
+    quantized_ops: str = "all"
     leaf_modules: tuple[type[nn.Module] | str, ...] = ()
     concrete_args: Mapping[str, Any] | None = None
 
@@ -103,6 +110,7 @@ class QuantConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}.")
         _choice(owner, "engine", self.engine, ENGINES)
+        _choice(owner, "quantized_ops", self.quantized_ops, QUANTIZED_OPS)
         leaves = self.leaf_modules
         if isinstance(leaves, (str, type)):
             leaves = (leaves,)

@@ -73,9 +73,25 @@ def activation_fake_quant(config: QuantConfig):
     )
 
 
+_WEIGHTED_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                 torch.nn.functional.linear)
+
+
 def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
     act = activation_fake_quant(config)
     weight = weight_fake_quant(config)
+    if config.quantized_ops == "weighted" and config.act_bits is not None:
+        mapping = QConfigMapping().set_global(None)
+        # BN and ReLU too: torch.ao fuses conv-bn-relu only when all three share a qconfig
+        for op in (*_WEIGHTED_OPS, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU,
+                   torch.nn.functional.relu):
+            mapping.set_object_type(op, QConfig(activation=act, weight=weight))
+        # fbgemm/x86 transposed convs only take per-tensor weights (pytorch/pytorch#47535).
+        transpose = QConfig(activation=act, weight=weight_fake_quant(config, per_channel=False))
+        for op in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+            mapping.set_object_type(op, transpose)
+        return mapping
     mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
     # Embeddings take integer indices; torch.ao only quantizes them weight-only with float qparams,
     # a scheme fxptqat does not simulate: they stay float.

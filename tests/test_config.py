@@ -188,3 +188,10 @@ def test_check_finite():
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         fq.QuantConfig(weight_bits=9)
+
+
+def test_quantized_ops_choices():
+    assert fq.QuantConfig().quantized_ops == "all"
+    assert fq.QuantConfig(quantized_ops="weighted").quantized_ops == "weighted"
+    with pytest.raises(fq.ConfigError, match=r"quantized_ops='weigted'.*Did you mean 'weighted'\?"):
+        fq.QuantConfig(quantized_ops="weigted")

@@ -1,0 +1,57 @@
+"""QuantConfig -> torch.ao QConfigMapping: which ops get quantizers."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxptqat as fq
+from fxptqat.models import SmallViT
+from fxptqat.persistence import _config_from_dict, _config_to_dict
+
+from conftest import make_small_net
+
+
+def _vit():
+    torch.manual_seed(0)
+    return SmallViT(num_classes=10, image_size=16, patch_size=4, dim=16, depth=1, heads=2, mlp_ratio=2,
+                    in_channels=1).eval()
+
+
+def _data(shape):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(*shape, generator=g),) for _ in range(2)]
+
+
+def _activation_quantizers(qat):
+    return [n for n in qat.graph.nodes if n.op == "call_module"
+            and isinstance(qat.get_submodule(n.target), fq.FakeQuantize)]
+
+
+def _weighted(node, qat) -> bool:
+    return node.op == "call_module" and hasattr(qat.get_submodule(node.target), "weight_fake_quant")
+
+
+@pytest.mark.parametrize("build, shape", [(_vit, (4, 1, 16, 16)), (make_small_net, (4, 1, 6, 6))])
+def test_weighted_recipe_quantizes_only_conv_and_linear_and_keeps_parity(build, shape):
+    data = _data(shape)
+    qats = {}
+    for ops in ("all", "weighted"):
+        qat = fq.prepare(build(), data[0], config=fq.QuantConfig(quantized_ops=ops))
+        fq.calibrate(qat, data)
+        parity = fq.check_parity(qat, fq.lower(qat), data)
+        assert parity.ok, parity.table()
+        qats[ops] = qat
+    weighted = qats["weighted"]
+    for q in _activation_quantizers(weighted):
+        # at a weighted layer's output, or in front of weighted layers (or the graph output) only
+        users = [u for u in q.users if u.op != "output"]
+        assert _weighted(q.args[0], weighted) or all(_weighted(u, weighted) for u in users), q.name
+    # the same weighted nodes are measured and selectable under both recipes
+    names = {ops: {n.name for n, _ in fq.meta.quantized_nodes(q)} for ops, q in qats.items()}
+    assert names["all"] == names["weighted"]
+    assert len(_activation_quantizers(qats["all"])) > len(_activation_quantizers(weighted))
+
+
+def test_recipe_survives_the_saved_config():
+    config = fq.QuantConfig(quantized_ops="weighted", weight_bits=4)
+    assert _config_from_dict(_config_to_dict(config)) == config
