@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fxptqat as fq
 from fxptqat.models import SmallViT
