@@ -595,7 +595,7 @@ NOTES = [
     "run preceded by a short pause (spinning worker threads of the previous backend stop) and an untimed run "
     "of the same backend; the fxptqat model is timed per batch size on a fresh "
     "copy (torch's oneDNN quantized conv keeps the primitive of its first call's shape). Size: `torch.save` of "
-    "the state dict (PT2E: of the constants its graph reads; ORT: the `.onnx` file). Peak RSS: VmHWM above a "
+    "the state dict (PT2E: of the constants its graph reads; ORT and fxptqat's onnxruntime lowering: the `.onnx` file; fxptqat's inductor lowering: its weights as int8 plus the float rest). Peak RSS: VmHWM above a "
     "baseline taken after the same flow ran on a tiny model, in a fresh process per model: resident weights, "
     "whatever the build left alive, and the inference working set.",
 ]
