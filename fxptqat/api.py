@@ -278,7 +278,8 @@ def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb:
     """Compare fake-quant and INT8 at every weighted node; see :mod:`fxptqat.parity`.
 
     For the onnxruntime and inductor lowerings the nodes are those of the reference graph they
-    were made from, and the network output is the lowered model's.
+    were made from, and the network output is the lowered model's (an inductor model compiles
+    once more for a batch shape it has not seen).
     """
     require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)

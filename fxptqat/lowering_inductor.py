@@ -45,20 +45,15 @@ class InductorModule(nn.Module):
 
     @property
     def size_bytes(self) -> int:
-        """``torch.save`` of what inference reads: int8 weights (as frozen), the float rest."""
+        """``torch.save`` of what inference reads: int8 weights (what freezing folds them to), the
+        float rest (biases, norms) and the weights' scales and zero points."""
         tensors = {}
         for name, module in self.reference.named_modules():
+            own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
             if isinstance(module, ReferenceQuantizedModule):
                 weight = module.get_quantized_weight()  # int8 already in the decomposed form
-                tensors[f"{name}.weight"] = weight.int_repr() if weight.is_quantized else weight
-                tensors[f"{name}.weight_scale"] = module.weight_scale
-        for name, t in self.reference.state_dict().items():
-            owner = name.rsplit(".", 1)[0]
-            if name.endswith(".weight") and f"{owner}.weight" in tensors:
-                continue
-            if "weight_scale" in name or "weight_zero_point" in name or "weight_axis" in name:
-                continue
-            tensors[name] = t
+                own["weight"] = weight.int_repr() if weight.is_quantized else weight
+            tensors.update({f"{name}.{key}": t for key, t in own.items()})
         buffer = io.BytesIO()
         torch.save(tensors, buffer)
         return buffer.tell()

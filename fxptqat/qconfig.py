@@ -73,26 +73,23 @@ def activation_fake_quant(config: QuantConfig):
     )
 
 
-_WEIGHTED_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                 nn.Linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-                 torch.nn.functional.linear)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# quantized_ops="weighted": conv/linear, plus the BN and ReLU that torch.ao fuses into them (it fuses
+# conv-bn-relu only when all three share a qconfig)
+_WEIGHTED_OPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *_TRANSPOSED, nn.Linear, torch.nn.functional.conv1d,
+                 torch.nn.functional.conv2d, torch.nn.functional.conv3d, torch.nn.functional.linear,
+                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, torch.nn.functional.relu)
 
 
 def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
     act = activation_fake_quant(config)
     weight = weight_fake_quant(config)
-    if config.quantized_ops == "weighted" and config.act_bits is not None:
-        mapping = QConfigMapping().set_global(None)
-        # BN and ReLU too: torch.ao fuses conv-bn-relu only when all three share a qconfig
-        for op in (*_WEIGHTED_OPS, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU,
-                   torch.nn.functional.relu):
-            mapping.set_object_type(op, QConfig(activation=act, weight=weight))
-        # fbgemm/x86 transposed convs only take per-tensor weights (pytorch/pytorch#47535).
-        transpose = QConfig(activation=act, weight=weight_fake_quant(config, per_channel=False))
-        for op in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-            mapping.set_object_type(op, transpose)
-        return mapping
-    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=weight))
+    qconfig = QConfig(activation=act, weight=weight)
+    weighted_only = config.quantized_ops == "weighted" and config.act_bits is not None
+    mapping = QConfigMapping().set_global(None if weighted_only else qconfig)
+    if weighted_only:
+        for op in _WEIGHTED_OPS:
+            mapping.set_object_type(op, qconfig)
     # Embeddings take integer indices; torch.ao only quantizes them weight-only with float qparams,
     # a scheme fxptqat does not simulate: they stay float.
     for op in (nn.Embedding, nn.EmbeddingBag):
@@ -101,8 +98,10 @@ def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
         return mapping
     # fbgemm/x86 transposed convs only take per-tensor weights (pytorch/pytorch#47535).
     transpose = QConfig(activation=act, weight=weight_fake_quant(config, per_channel=False))
-    for op in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    for op in _TRANSPOSED:
         mapping.set_object_type(op, transpose)
+    if weighted_only:
+        return mapping
     float_weight = QConfig(activation=act, weight=PlaceholderObserver.with_args(dtype=torch.float))
     mapping.set_object_type(nn.LayerNorm, float_weight)
     mapping.set_object_type(torch.nn.functional.layer_norm, float_weight)

@@ -11,7 +11,6 @@ are unchanged bit for bit; ``modified`` says whether a node was removed.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -19,7 +18,7 @@ from fxptqat.passes.fit_observers_to_clamps import clamp_range
 
 __all__ = ["drop_noop_clamps"]
 
-_QRANGE = {torch.quint8: (0, 255), torch.qint8: (-128, 127)}
+_QMIN, _QMAX = 0, 255  # torch.ao's quantized modules output quint8 here (activations are unsigned)
 
 
 def _grid(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | None:
@@ -29,13 +28,12 @@ def _grid(node: fx.Node, gm: fx.GraphModule) -> tuple[float, float] | None:
     scale, zero_point = getattr(module, "scale", None), getattr(module, "zero_point", None)
     if not isinstance(scale, float) or not isinstance(zero_point, int):
         return None
-    # torch.ao's quantized modules output quint8 (activations are unsigned here)
-    qmin, qmax = _QRANGE[torch.quint8]
-    return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    return (_QMIN - zero_point) * scale, (_QMAX - zero_point) * scale
 
 
 def drop_noop_clamps(gm: fx.GraphModule, /) -> PassResult:
     modified = False
+    dropped: set[str] = set()  # targets of removed call_module clamps
     for node in list(gm.graph.nodes):
         bounds = clamp_range(node, gm)
         if bounds is None or not isinstance(node.args[0], fx.Node):
@@ -44,10 +42,14 @@ def drop_noop_clamps(gm: fx.GraphModule, /) -> PassResult:
         slack = 1e-6 * max(abs(bounds[0]), abs(bounds[1]))  # 255 * (6 / 255) in float32
         if grid is None or not (bounds[0] - slack <= grid[0] and grid[1] <= bounds[1] + slack):
             continue
+        if node.op == "call_module":
+            dropped.add(node.target)
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         modified = True
+    still_called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    for target in dropped - still_called:  # only the clamps' own modules, not other unused ones
+        gm.delete_submodule(target)
     if modified:
-        gm.delete_all_unused_submodules()
         gm.recompile()
     return PassResult(gm, modified)

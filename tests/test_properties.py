@@ -23,6 +23,8 @@ from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.lowering import convert
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
@@ -148,6 +150,15 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
 
     twice(lambda: insert_fake_quant(gm, config=config, example_inputs=inputs), True)
     assert meta.graph_info(gm) is not None and _weighted_nodes(gm)
+    # honest `modified`: True exactly when some quantizer got a range (drawn ReLU6s)
+    code = gm.code
+    fitted = fit_observers_to_clamps(gm)
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    assert fitted.modified is any(m.observe_range is not None for m in quantizers)
+    event(f"observers fitted to a clamp: {fitted.modified}")
+    assert all(m.observe_range in (None, (0.0, 6.0)) for m in quantizers)
+    assert gm.code == code and fit_observers_to_clamps(gm).modified is False
+    gm.graph.lint()
 
     # calibration: observe only, run the batches, then freeze every quantizer
     twice(lambda: observe_only(gm), True)
@@ -180,6 +191,16 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
     second = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
     assert second.modified is False and int8.code == code
     assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
+
+    # dropping clamps that cannot change a value: same outputs bit for bit, then a no-op
+    x = inputs[0]
+    before = int8(x)
+    dropped = drop_noop_clamps(int8)
+    assert dropped.graph_module is int8 and (not dropped.modified or fitted.modified)
+    int8.graph.lint()
+    assert torch.equal(int8(x), before)
+    code = int8.code
+    assert drop_noop_clamps(int8).modified is False and int8.code == code
 
     # repacking for oneDNN: same graph, same integer weights, honest `modified`, then a no-op
     if onednn_available():

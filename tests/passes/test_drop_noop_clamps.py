@@ -48,3 +48,11 @@ def test_lower_applies_it_with_parity():
     int8 = fq.lower(qat)
     assert not _relu6_nodes(int8)
     assert fq.check_parity(qat, int8, _data()).ok
+
+
+def test_other_unused_submodules_are_kept():
+    qat = _calibrated()
+    int8 = convert(qat, meta.graph_info(qat).config)
+    int8.add_submodule("spare", nn.Linear(2, 2))  # not called by the graph: not this pass's business
+    assert drop_noop_clamps(int8).modified is True
+    assert isinstance(int8.get_submodule("spare"), nn.Linear)
