@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
@@ -70,6 +72,8 @@ def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = No
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
+    if config.quantized_ops == "weighted" and config.act_bits is not None:
+        drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
     fit_observers_to_clamps(gm)
     gm.graph.lint()
     return gm.eval()
@@ -264,6 +268,14 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
         if runtime == "inductor":
             return compile_inductor(ref, args)
         return export_onnx(ref, args, threads=threads or torch.get_num_threads())
+    float_out = [n.name for n, i in meta.quantized_nodes(qat) if i.output_quantizer is None]
+    if config.quantized_ops == "weighted" and config.act_bits is not None and float_out:
+        warnings.warn(
+            f"fxptqat: lower(runtime='torch'): {len(float_out)} conv/linear node(s) keep float outputs "
+            f"(QuantConfig(quantized_ops='weighted'), e.g. {', '.join(float_out[:3])}); torch.ao runs "
+            "them as float reference modules. runtime='inductor' runs them as INT8 kernels.",
+            stacklevel=2,
+        )
     int8 = convert(qat, config)
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
         clamp_int_weights(int8, qmin=qmin, qmax=qmax)

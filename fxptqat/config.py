@@ -76,9 +76,11 @@ class QuantConfig:
     reduce_range: use 7-bit activations (needed on CPUs without VNNI for fbgemm/x86 kernels).
     quantized_ops: "all" (default): every op torch.ao can quantize runs on INT8 activations
         (adds, pooling, GELU, softmax, layer norm, matmul, ...); "weighted": only conv and linear
-        layers are quantized (their inputs and outputs), everything between them stays float --
-        the recipe of torchao's X86InductorQuantizer, the fastest for ``lower(runtime="inductor")``
-        on transformers, whose float element-wise ops inductor fuses.
+        layers are quantized (inputs and weights), everything between them stays float, and so
+        does a conv/linear output that no other conv/linear reads as its input
+        (``passes/drop_output_quantizers.py``) -- the recipe of torchao's X86InductorQuantizer,
+        meant for ``lower(runtime="inductor")``, which fuses the float ops into the INT8 kernels
+        (``runtime="torch"`` runs float-output layers as float reference modules).
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
     """

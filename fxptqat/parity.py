@@ -11,7 +11,10 @@ quantizer), in units of that quantizer's step (LSB):
 * propagated: the INT8 network vs the fake-quant network at N; one-step ties upstream add up,
   so this is reported, not judged.
 
-Weight-only graphs have float outputs: their tolerance is 1e-4 of the output's magnitude.
+A float output (weight-only graphs; conv/linear outputs that ``quantized_ops="weighted"`` keeps
+float) has no step: fake-quant and INT8 then differ by float32 rounding in a dot product of
+``fan_in`` terms, bounded as ``fan_in * eps`` of the output's magnitude (Higham's gamma_n with the
+magnitude standing for the sum of the terms), and never less than 1e-4 of it.
 """
 
 from __future__ import annotations
@@ -117,7 +120,11 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     a reference graph, whose modules return float values that its next Q/DQ pair (the same scale
     and zero point as the fake-quant output quantizer) puts on the grid; that pair is applied here."""
     points = {}  # weighted node -> (its input node, node compared, output step)
+    fan_in = {}  # weighted node -> products summed per output element
     for node, info in meta.quantized_nodes(qat):
+        module = qat.get_submodule(node.target)
+        outputs = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or 1
+        fan_in[node.name] = max(1, module.weight.numel() // outputs)
         scale = None
         if info.output_quantizer is not None:
             fq = qat.get_submodule(info.output_quantizer)
@@ -156,6 +163,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     rows = []
     for name, (_, _, scale) in points.items():
         iso, prop, off, count, magnitude = acc[name]
-        tol = tolerance_lsb * scale * (1 + 1e-3) if scale else 1e-4 * magnitude + 1e-6
+        relative = max(1e-4, fan_in[name] * torch.finfo(torch.float32).eps)
+        tol = tolerance_lsb * scale * (1 + 1e-3) if scale else relative * magnitude + 1e-6
         rows.append(ParityRow(name, scale, tol, iso, prop, off / max(count, 1)))
     return ParityReport(tuple(rows), out_max, agree / samples if samples else None, samples)

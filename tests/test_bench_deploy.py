@@ -55,12 +55,16 @@ def test_tiny_run_writes_schema(deploy, tmp_path):
         assert r["latency_ms"] > 0 and r["size_bytes"] > 0
         assert r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"]
         assert r["peak_rss_mb"] > 0 and r["resident_model_mb"] is not None
+        assert r["minor_faults_per_run"] >= 0
     assert fp32["speedup_vs_fp32_eager"] == 1.0
     assert int8["speedup_vs_fp32_eager"] == pytest.approx(fp32["latency_ms"] / int8["latency_ms"], rel=1e-2)
     assert int8["size_vs_fp32"] < 1.0  # tiny model: qparams weigh in; the real ones are near 0.25
     assert int8["parity_ok"] is True
     table = md.read_text()
     assert "| vit | 1 | fxptqat_int8 |" in table and "parity ok" in table
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["malloc"] == {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30}  # glibc here
+    assert "Allocator: glibc mmap threshold 32 MiB" in table
 
 
 def test_failing_peer_is_recorded_not_dropped(deploy, tmp_path, monkeypatch):

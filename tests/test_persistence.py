@@ -96,3 +96,26 @@ def test_saved_selection_refuses_a_different_model(finetuned, small_batches):
 
 def test_report_round_trips(finetuned):
     assert fq.ErrorReport.from_json(finetuned["report"].to_json()) == finetuned["report"]
+
+
+def test_weighted_recipe_round_trips_without_its_dropped_quantizers(tmp_path):
+    """quantized_ops="weighted" removes output quantizers at prepare; load() re-prepares from the
+    saved recipe, so the same ones are gone and the state dict fits exactly."""
+    from fxptqat.models import SmallViT
+
+    def vit():
+        torch.manual_seed(0)
+        return SmallViT(num_classes=5, image_size=8, patch_size=4, dim=8, depth=1, heads=2, mlp_ratio=2,
+                        in_channels=1).eval()
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 1, 8, 8, generator=g),) for _ in range(2)]
+    qat = fq.prepare(vit(), data[0], config=fq.QuantConfig(quantized_ops="weighted"))
+    fq.calibrate(qat, data)
+    fq.save(qat, tmp_path / "vit.fxptqat")
+    loaded = fq.load(vit(), data[0], tmp_path / "vit.fxptqat")
+    assert loaded.state_dict().keys() == qat.state_dict().keys()
+    floats = [n.name for n, i in fq.meta.quantized_nodes(loaded) if i.output_quantizer is None]
+    assert floats and floats == [n.name for n, i in fq.meta.quantized_nodes(qat) if i.output_quantizer is None]
+    with torch.no_grad():
+        assert torch.equal(loaded(data[1][0]), qat(data[1][0]))

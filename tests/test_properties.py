@@ -6,6 +6,7 @@ concatenation, fan-out) and random bit-widths; see ``DESIGN.md`` (section Tests)
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import warnings
@@ -24,6 +25,7 @@ from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.lowering import convert
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
@@ -117,6 +119,10 @@ def _abs_network_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x.double().abs())
 
 
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
 def _max_reduction(model: nn.Module, x: torch.Tensor) -> int:
     """Longest sum any one output element needs: conv/linear fan-in, or the pooled H*W."""
     n = x.shape[-1] * x.shape[-2] if x.dim() == 4 else 1
@@ -133,7 +139,8 @@ def _max_reduction(model: nn.Module, x: torch.Tensor) -> int:
 @given(MODELS, weight_bits(), act_bits(), st.data())
 def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
     model, inputs = pair
-    config = fq.QuantConfig(weight_bits=wb, act_bits=ab)
+    ops = data.draw(st.sampled_from(["all", "weighted"]), label="quantized_ops")
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops)
     gm = fq.api.trace(copy.deepcopy(model), config)
 
     def twice(run_pass, expect_first: bool):
@@ -150,6 +157,26 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
 
     twice(lambda: insert_fake_quant(gm, config=config, example_inputs=inputs), True)
     assert meta.graph_info(gm) is not None and _weighted_nodes(gm)
+    if ops == "weighted" and ab is not None:
+        # honest `modified`: True exactly when a conv/linear output quantizer of its own (not one
+        # shared with a cat or ReLU) had no quantized reader
+        calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        quantized = {n for n, q in gm.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items() if q}
+        removable = [
+            n for n, i in meta.quantized_nodes(gm)
+            if i.output_quantizer and calls[_node(gm, i.output_quantizer).target] == 1
+            and not any(u.name in quantized or (u.op == "call_module" and isinstance(gm.get_submodule(u.target),
+                        FakeQuantize)) for u in _node(gm, i.output_quantizer).users if u.op != "output")
+        ]
+        quantizers = {i.output_quantizer for _, i in meta.quantized_nodes(gm)}
+        twice(lambda: drop_output_quantizers(gm), bool(removable))
+        for node in removable:
+            assert meta.node_info(node).output_quantizer is None
+            assert all(not isinstance(gm.get_submodule(u.target), FakeQuantize) for u in node.users
+                       if u.op == "call_module")
+        left = {i.output_quantizer for _, i in meta.quantized_nodes(gm)}
+        assert left - {None} <= quantizers and all(q in dict(gm.named_modules()) for q in left - {None})
+        event(f"output quantizers dropped: {bool(removable)}")
     # honest `modified`: True exactly when some quantizer got a range (drawn ReLU6s)
     code = gm.code
     fitted = fit_observers_to_clamps(gm)
@@ -305,22 +332,25 @@ def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy
 
 
 # -- 4. INT8 == fake-quant within one quantization step --------------------------------------------
-@pytest.mark.parametrize("ab", [8, None], ids=["act8", "weight-only"])
-def test_lowered_int8_matches_fake_quant(ab):
+@pytest.mark.parametrize("ab, ops", [(8, "all"), (None, "all"), (8, "weighted")],
+                         ids=["act8", "weight-only", "act8-weighted"])
+def test_lowered_int8_matches_fake_quant(ab, ops):
     @PIPELINE
     @given(MODELS, weight_bits())
     def check(pair, wb):
         model, (x,) = pair
         batches = _batches(model, x)
-        qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
+        qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
         fq.calibrate(qat, batches)
-        int8 = fq.lower(qat)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "fxptqat: lower.*keep float outputs", UserWarning)
+            int8 = fq.lower(qat)
         parity = fq.check_parity(qat, int8, batches)
         assert parity.ok, f"first divergence {parity.first_divergence}\n{parity.table()}"
         assert {r.name for r in parity.rows} <= _weighted_nodes(qat)
         for row in parity.rows:
             # tolerance derived from the output quantizer's step, not a hand-tuned constant
-            if ab is None:
+            if ab is None or meta.node_info(_node(qat, row.name)).output_quantizer is None:
                 assert row.scale is None
             elif row.scale is not None:
                 assert row.tolerance == pytest.approx(row.scale, rel=2e-3)

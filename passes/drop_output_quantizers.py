@@ -1,0 +1,62 @@
+"""Pass: a conv/linear output that no quantized node reads stays float (``quantized_ops="weighted"``).
+
+torch.ao's FX recipe always quantizes a weighted op's output. Under ``quantized_ops="weighted"``
+most of those outputs go straight into float ops (attention's reshapes and matmuls, GELU, layer
+norm, residual adds): the INT8 graph then rounds them onto a uint8 grid only to dequantize them
+again, and inductor cannot fuse the float op that follows into the integer kernel. torchao's
+X86InductorQuantizer quantizes an op's *inputs* only, so such outputs stay float there: ``dq ->
+linear -> gelu -> q`` becomes one oneDNN kernel with a GELU post-op, ``dq -> linear -> add`` one
+with a sum post-op, and q/k/v reach the attention kernel without a uint8 round trip.
+
+This pass gives fxptqat's graph the same rule: the output quantizer of a weighted node is removed
+when torch.ao left every one of its readers float (no qconfig: not a conv/linear reading it as its
+input, nor a ReLU or BN of the recipe) and the quantizer is its own (no other node calls the same
+module, as torch.ao does for a value feeding a ``cat``) and not requantized onto a cat's grid
+(``insert_fake_quant``). The fake-quant network then computes exactly what the lowered one does (the
+error recorder and the parity check compare the float output), and the node's
+``NodeInfo.output_quantizer`` becomes None.
+
+Runs on a prepared graph before calibration; ``modified`` is False when no such quantizer is left.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from fxptqat import meta
+from fxptqat.fake_quantize import FakeQuantize
+
+__all__ = ["drop_output_quantizers"]
+
+
+def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
+    # torch.ao's own record of which nodes it quantizes (what convert_fx will lower as quantized)
+    attrs = gm.meta.get("_observed_graph_module_attrs")
+    qconfigs = getattr(attrs, "node_name_to_qconfig", None)
+    if qconfigs is None:
+        return PassResult(gm, False)
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    dropped = []
+    for node, info in list(meta.quantized_nodes(gm)):
+        quantizer = nodes.get(info.output_quantizer) if info.output_quantizer else None
+        if quantizer is None or quantizer.op != "call_module" or quantizer.args[0] is not node:
+            continue
+        if not isinstance(gm.get_submodule(quantizer.target), FakeQuantize) or calls[quantizer.target] != 1:
+            continue
+        if any(user.op != "output" and qconfigs.get(user.name) is not None for user in quantizer.users):
+            continue  # a quantized op reads it (for a conv/linear: its input quantizer)
+        if any(user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize)
+               for user in quantizer.users):
+            continue  # requantized onto a cat's grid (passes/insert_fake_quant.py): left as torch.ao made it
+        quantizer.replace_all_uses_with(node)
+        gm.graph.erase_node(quantizer)
+        gm.delete_submodule(quantizer.target)
+        meta.update_node_info(node, output_quantizer=None)
+        dropped.append(node.name)
+    if dropped:
+        gm.recompile()
+    return PassResult(gm, bool(dropped))
