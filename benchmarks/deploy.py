@@ -11,9 +11,13 @@ fp32_compile           ``torch.compile`` (inductor, ``freezing=True``, static sh
 fxptqat_int8           ``fq.lower()`` of ``fq.prepare`` + ``fq.calibrate`` (W8A8, x86 engine)
 fxptqat_int8_onnx...   ``fq.lower(runtime="onnxruntime")`` of the same calibrated graph: fxptqat's
                        own scales exported as an ONNX QDQ model, run by onnxruntime
-fxptqat_int8_inductor  ``fq.lower(runtime="inductor")`` of a graph calibrated with
-                       ``QuantConfig(quantized_ops="weighted")`` (only conv/linear quantized, the
-                       recipe of X86InductorQuantizer): its reference QDQ graph compiled by
+fxptqat_int8_onnx...   the same lowering of a graph calibrated with
+_weighted              ``QuantConfig(quantized_ops="weighted")`` (only conv/linear inputs and
+                       weights quantized, outputs that no conv/linear reads stay float: the
+                       recipe of X86InductorQuantizer); onnxruntime then runs transformers'
+                       GELU, layer norm and softmax in float and the linears as integer GEMMs
+fxptqat_int8_inductor  ``fq.lower(runtime="inductor")`` of a graph calibrated with the
+                       ``"weighted"`` recipe: its reference QDQ graph compiled by
                        ``torch.compile`` (inductor, freezing, static shapes)
 pt2e_inductor_int8     torchao PT2E + ``X86InductorQuantizer`` + ``torch.compile`` (freezing)
 ort_int8               ONNX export of the float model + onnxruntime ``quantize_static`` (QDQ,
@@ -88,9 +92,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deploy_models import build  # noqa: E402
 
-BACKENDS = ("fp32_eager", "fp32_compile", "fxptqat_int8", "fxptqat_int8_onnxruntime", "fxptqat_int8_inductor",
+BACKENDS = ("fp32_eager", "fp32_compile", "fxptqat_int8", "fxptqat_int8_onnxruntime",
+            "fxptqat_int8_onnxruntime_weighted", "fxptqat_int8_inductor",
             "pt2e_inductor_int8", "ort_int8")
-OURS = ("fxptqat_int8", "fxptqat_int8_onnxruntime", "fxptqat_int8_inductor")
+OURS = ("fxptqat_int8", "fxptqat_int8_onnxruntime", "fxptqat_int8_onnxruntime_weighted", "fxptqat_int8_inductor")
 PEERS = ("pt2e_inductor_int8", "ort_int8")
 MODELS = ("resnet18", "mobilenetv2", "vit")
 CNNS = ("resnet18", "mobilenetv2")
@@ -197,14 +202,16 @@ def build_fxptqat(ctx) -> Backend:
     return Backend("fxptqat_int8", fresh(), size, info=info, keep=[int8], fresh=fresh)
 
 
-def build_fxptqat_ort(ctx) -> Backend:
+def build_fxptqat_ort(ctx, quantized_ops: str = "all") -> Backend:
     import fxptqat as fq
 
-    qat = _fxptqat_calibrated(ctx)
+    qat = _fxptqat_calibrated(ctx, quantized_ops=quantized_ops)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=ctx.calib[0], threads=ctx.threads)
     info = _parity_info(qat, lowered, ctx) if ctx.parity else {}
     lowered.reference = None  # only check_parity reads it; the deployed artifact is the ONNX model
-    return Backend("fxptqat_int8_onnxruntime", _no_grad(lowered), lowered.size_bytes, info=info, keep=[lowered])
+    name = "fxptqat_int8_onnxruntime" + ("" if quantized_ops == "all" else f"_{quantized_ops}")
+    # called as the ORT peer is: no torch autograd mode around it (inference_mode costs ~20 us a call)
+    return Backend(name, lowered, lowered.size_bytes, info=info, keep=[lowered])
 
 
 def build_fxptqat_inductor(ctx) -> Backend:
@@ -293,6 +300,7 @@ BUILDERS = {
     "fp32_compile": build_fp32_compile,
     "fxptqat_int8": build_fxptqat,
     "fxptqat_int8_onnxruntime": build_fxptqat_ort,
+    "fxptqat_int8_onnxruntime_weighted": lambda ctx: build_fxptqat_ort(ctx, "weighted"),
     "fxptqat_int8_inductor": build_fxptqat_inductor,
     "pt2e_inductor_int8": build_pt2e,
     "ort_int8": build_ort,
