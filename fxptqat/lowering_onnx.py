@@ -74,7 +74,7 @@ def fold_weight_quantization(model) -> int:
 
 
 class OnnxRuntimeModule(nn.Module):
-    """An onnxruntime session behind ``nn.Module``: tensors in, tensors out.
+    """An onnxruntime session behind ``nn.Module``: tensors in, tensors out (no autograd, no hooks).
 
     ``reference`` is the torch.ao reference GraphModule that was exported; :func:`fxptqat.check_parity`
     compares it node by node with the fake-quant graph and this module end to end.
@@ -112,8 +112,16 @@ class OnnxRuntimeModule(nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     # No autograd, no hooks: a call goes straight to the session. nn.Module's call machinery cost
-    # about 15 us per call here, 2-3% of a MobileNetV2 batch-1 inference (scratch measurement).
+    # 10-18 us per call here, 1-3% of a MobileNetV2 batch-1 inference (scratch measurement).
     __call__ = forward
+
+    def _no_hooks(self, *args, **kwargs):
+        raise LoweringError(
+            "OnnxRuntimeModule calls its onnxruntime session directly and runs no module hooks; "
+            "wrap it in your own nn.Module to observe its inputs and outputs."
+        )
+
+    register_forward_hook = register_forward_pre_hook = register_full_backward_hook = _no_hooks
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -95,6 +95,19 @@ def test_copies_and_saves(small_net, small_batches, tmp_path):
     onnx.checker.check_model(str(tmp_path / "m.onnx"))
 
 
+def test_calls_go_straight_to_the_session_and_hooks_are_refused(small_net, small_batches):
+    qat = _calibrated(small_net, small_batches)
+    lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=small_batches[0])
+    (x,) = small_batches[0]
+    assert torch.equal(lowered(x), lowered.forward(x))
+    x.requires_grad_(True)
+    assert not lowered(x).requires_grad  # tensors out, no autograd graph
+    for register in (lowered.register_forward_hook, lowered.register_forward_pre_hook,
+                     lowered.register_full_backward_hook):
+        with pytest.raises(fq.LoweringError, match="runs no module hooks"):
+            register(lambda *a: None)
+
+
 def test_weight_only_graph(small_net, small_batches):
     qat = _calibrated(small_net, small_batches, act_bits=None)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=small_batches[0])
