@@ -12,7 +12,10 @@ This pass gives fxptqat's graph the same rule: the output quantizer of a weighte
 when torch.ao left every one of its readers float (no qconfig: not a conv/linear reading it as its
 input, nor a ReLU or BN of the recipe) and the quantizer is its own (no other node calls the same
 module, as torch.ao does for a value feeding a ``cat``) and not requantized onto a cat's grid
-(``insert_fake_quant``). The fake-quant network then computes exactly what the lowered one does (the
+(``insert_fake_quant``), and the node is not a linear with a fused ReLU: inductor (torch 2.13,
+torchao 0.18) cannot compile ``dq -> linear -> relu -> add`` with a float ReLU output (its linear
+binary-fusion pass asserts that no unary post-op was fused first; PT2E's own graph of that
+pattern fails the same way), so that output stays quantized. The fake-quant network then computes exactly what the lowered one does (the
 error recorder and the parity check compare the float output), and the node's
 ``NodeInfo.output_quantizer`` becomes None.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch.fx as fx
+from torch.ao.nn.intrinsic.qat import LinearReLU
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxptqat import meta
@@ -47,6 +51,8 @@ def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
             continue
         if not isinstance(gm.get_submodule(quantizer.target), FakeQuantize) or calls[quantizer.target] != 1:
             continue
+        if isinstance(gm.get_submodule(node.target), LinearReLU):
+            continue  # see the module docstring: inductor's linear+relu+add fusion fails on it
         if any(user.op != "output" and qconfigs.get(user.name) is not None for user in quantizer.users):
             continue  # a quantized op reads it (for a conv/linear: its input quantizer)
         if any(user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize)

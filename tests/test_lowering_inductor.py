@@ -4,9 +4,11 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import fxptqat as fq
 from fxptqat.lowering_inductor import InductorModule
+from fxptqat.testing import traceable_models, weight_bits
 
 from conftest import same_state, state_of
 
@@ -59,3 +61,41 @@ def test_size_counts_weights_as_int8(lowered_small_net):
     # same tensors, up to pickle framing: at least half the float weight bytes must be gone
     saved = buffer.tell() - lowered.size_bytes
     assert 0.5 * float_weight_bytes < saved <= 0.75 * float_weight_bytes + 1024
+
+
+class _LinearReLUAdd(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.fc(x)) + x
+
+
+def test_weighted_recipe_linear_relu_add_compiles():
+    """Inductor (torch 2.13) cannot compile dq -> linear -> relu -> add with a float ReLU output (PT2E's
+    own graph of it fails too): drop_output_quantizers keeps that output quantized."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 16),), (torch.randn(4, 16),)]
+    qat = fq.prepare(_LinearReLUAdd().eval(), batches[0], config=fq.QuantConfig(quantized_ops="weighted"))
+    fq.calibrate(qat, batches)
+    assert fq.meta.node_info(next(n for n, _ in fq.meta.quantized_nodes(qat))).output_quantizer is not None
+    torch._dynamo.reset()
+    lowered = fq.lower(qat, runtime="inductor", example_inputs=batches[0])
+    parity = fq.check_parity(qat, lowered, batches)
+    assert parity.ok, parity.table()
+
+
+@settings(max_examples=5, deadline=None)
+@given(traceable_models(max_layers=4), weight_bits())
+def test_property_weighted_recipe_compiles_and_matches_fake_quant(pair, wb):
+    """The weighted recipe is meant for this runtime: every drawn model compiles and keeps parity."""
+    model, (x,) = pair
+    batches = [(x,), (x.flip(0) * 1.5,)]
+    qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, quantized_ops="weighted"))
+    fq.calibrate(qat, batches)
+    torch._dynamo.reset()
+    lowered = fq.lower(qat, runtime="inductor", example_inputs=(x,))
+    parity = fq.check_parity(qat, lowered, batches)
+    assert parity.ok, parity.table()

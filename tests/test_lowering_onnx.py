@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat.errors import ConfigError, LoweringError
@@ -153,12 +154,12 @@ def test_missing_onnxruntime_is_a_clear_error(small_net, small_batches, monkeypa
 
 
 @settings(max_examples=6)
-@given(traceable_models(max_layers=4), weight_bits())
-def test_property_onnxruntime_matches_fake_quant(pair, wb):
+@given(traceable_models(max_layers=4), weight_bits(), st.sampled_from(["all", "weighted"]))
+def test_property_onnxruntime_matches_fake_quant(pair, wb, ops):
     model, inputs = pair
     (x,) = inputs
     batches = [(x,), (x.flip(0) * 1.5,)]
-    qat = _calibrated(model, batches, weight_bits=wb)
+    qat = _calibrated(model, batches, weight_bits=wb, quantized_ops=ops)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=inputs, threads=1)
     parity = fq.check_parity(qat, lowered, batches)
     assert parity.ok, parity.table()

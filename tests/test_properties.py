@@ -165,6 +165,7 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
         removable = [
             n for n, i in meta.quantized_nodes(gm)
             if i.output_quantizer and calls[_node(gm, i.output_quantizer).target] == 1
+            and i.module_type != "LinearReLU"
             and not any(u.name in quantized or (u.op == "call_module" and isinstance(gm.get_submodule(u.target),
                         FakeQuantize)) for u in _node(gm, i.output_quantizer).users if u.op != "output")
         ]
