@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -28,7 +27,7 @@ from fxptqat.passes.split_shared_modules import split_shared_modules
 
 from . import distributed, meta
 from .config import QuantConfig, check_finite
-from .errors import CalibrationError, ConfigError, InputError, SelectionError, StageError
+from .errors import CalibrationError, ConfigError, InputError, LoweringError, SelectionError, StageError
 from .fake_quantize import FakeQuantize
 from .finetune import finetune
 from .inputs import as_args, iter_batches
@@ -268,13 +267,13 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
         if runtime == "inductor":
             return compile_inductor(ref, args)
         return export_onnx(ref, args, threads=threads or torch.get_num_threads())
-    float_out = [n.name for n, i in meta.quantized_nodes(qat) if i.output_quantizer is None]
-    if config.quantized_ops == "weighted" and config.act_bits is not None and float_out:
-        warnings.warn(
-            f"fxptqat: lower(runtime='torch'): {len(float_out)} conv/linear node(s) keep float outputs "
-            f"(QuantConfig(quantized_ops='weighted'), e.g. {', '.join(float_out[:3])}); torch.ao runs "
-            "them as float reference modules. runtime='inductor' runs them as INT8 kernels.",
-            stacklevel=2,
+    if config.quantized_ops == "weighted" and config.act_bits is not None:
+        raise LoweringError(
+            "lower(runtime='torch') does not take QuantConfig(quantized_ops='weighted'): that recipe keeps "
+            "float ops (and the conv/linear outputs only they read) between quantized layers, which torch.ao's "
+            "convert_fx lowers unreliably (quantized tensors reach float ops) and runs as float reference "
+            "modules. Lower it with runtime='inductor' or runtime='onnxruntime' (example_inputs=...), or "
+            "prepare with quantized_ops='all' for runtime='torch'."
         )
     int8 = convert(qat, config)
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for

@@ -79,8 +79,9 @@ class QuantConfig:
         layers are quantized (inputs and weights), everything between them stays float, and so
         does a conv/linear output that no other conv/linear reads as its input
         (``passes/drop_output_quantizers.py``) -- the recipe of torchao's X86InductorQuantizer,
-        meant for ``lower(runtime="inductor")``, which fuses the float ops into the INT8 kernels
-        (``runtime="torch"`` runs float-output layers as float reference modules).
+        lowered with ``runtime="inductor"`` (which fuses the float ops into the INT8 kernels) or
+        ``runtime="onnxruntime"``; ``runtime="torch"`` refuses it (torch.ao's convert_fx lowers
+        float ops between quantized layers unreliably).
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
     """

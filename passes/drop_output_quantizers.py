@@ -12,10 +12,12 @@ This pass gives fxptqat's graph the same rule: the output quantizer of a weighte
 when torch.ao left every one of its readers float (no qconfig: not a conv/linear reading it as its
 input, nor a ReLU or BN of the recipe) and the quantizer is its own (no other node calls the same
 module, as torch.ao does for a value feeding a ``cat``) and not requantized onto a cat's grid
-(``insert_fake_quant``), and the node is not a linear with a fused ReLU: inductor (torch 2.13,
-torchao 0.18) cannot compile ``dq -> linear -> relu -> add`` with a float ReLU output (its linear
-binary-fusion pass asserts that no unary post-op was fused first; PT2E's own graph of that
-pattern fails the same way), so that output stays quantized. The fake-quant network then computes exactly what the lowered one does (the
+(``insert_fake_quant``), and no activation is applied to it (fused into the module, or a reader
+such as ReLU6 or GELU) whose result a float op reads: inductor (torch 2.13, torchao 0.18) cannot
+compile ``dq -> linear|conv -> activation -> add`` with a float activation output (its
+binary-fusion passes assert that no unary post-op was fused first; PT2E's own graph of the linear
+case fails the same way). ``linear -> GELU -> q`` (a transformer MLP) is fine and is what gains.
+The fake-quant network then computes exactly what the lowered one does (the
 error recorder and the parity check compare the float output), and the node's
 ``NodeInfo.output_quantizer`` becomes None.
 
@@ -26,14 +28,42 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 import torch.fx as fx
-from torch.ao.nn.intrinsic.qat import LinearReLU
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.ao.nn.intrinsic import qat as nniqat
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
 
 __all__ = ["drop_output_quantizers"]
+
+_FUSED_RELU = (nniqat.LinearReLU, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.ConvReLU3d,
+               nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.ConvBnReLU3d)
+# element-wise activations inductor fuses into a quantized conv/linear as a unary post-op
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid, nn.Tanh,
+                nn.LeakyReLU)
+_ACTIVATION_FNS = {F.relu, F.relu6, F.hardtanh, F.gelu, F.silu, F.hardswish, F.leaky_relu, torch.relu,
+                   torch.sigmoid, torch.tanh, torch.clamp, "relu", "sigmoid", "tanh", "clamp"}
+
+
+def _is_activation(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _ACTIVATIONS)
+    return node.op in ("call_function", "call_method") and node.target in _ACTIVATION_FNS
+
+
+def _read_only_by_quantizers(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), FakeQuantize) for u in node.users)
+
+
+def _activation_then_float(quantizer: fx.Node, module, gm: fx.GraphModule) -> bool:
+    """An activation (fused, or reading the value) whose result a float op reads."""
+    if isinstance(module, _FUSED_RELU):
+        return not _read_only_by_quantizers(quantizer, gm)
+    return any(_is_activation(u, gm) and not _read_only_by_quantizers(u, gm) for u in quantizer.users)
 
 
 def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
@@ -51,8 +81,8 @@ def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
             continue
         if not isinstance(gm.get_submodule(quantizer.target), FakeQuantize) or calls[quantizer.target] != 1:
             continue
-        if isinstance(gm.get_submodule(node.target), LinearReLU):
-            continue  # see the module docstring: inductor's linear+relu+add fusion fails on it
+        if _activation_then_float(quantizer, gm.get_submodule(node.target), gm):
+            continue  # see the module docstring: inductor's {linear,conv}+activation+add fusion fails on it
         if any(user.op != "output" and qconfigs.get(user.name) is not None for user in quantizer.users):
             continue  # a quantized op reads it (for a conv/linear: its input quantizer)
         if any(user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize)

@@ -1,5 +1,4 @@
 import platform
-import warnings
 
 import pytest
 import torch
@@ -119,20 +118,20 @@ def test_fake_quant_reads_the_float_output():
     torch.testing.assert_close(seen["in"], expected, rtol=0, atol=0)
 
 
-def test_torch_lowering_warns_and_keeps_parity():
+def test_torch_lowering_refuses_the_recipe_and_onnxruntime_keeps_parity():
     data = _data()
     qat = fq.prepare(Block(), data[0], config=WEIGHTED)
     fq.calibrate(qat, data)
-    with pytest.warns(UserWarning, match=r"3 conv/linear node\(s\) keep float outputs"):
-        int8 = fq.lower(qat)
-    parity = fq.check_parity(qat, int8, data)
+    before = {k: v.clone() for k, v in qat.state_dict().items()}
+    with pytest.raises(fq.LoweringError, match=r"runtime='torch'.*quantized_ops='weighted'.*runtime='inductor'"):
+        fq.lower(qat)
+    assert all(torch.equal(before[k], v) for k, v in qat.state_dict().items())
+    parity = fq.check_parity(qat, fq.lower(qat, runtime="onnxruntime", example_inputs=data[0]), data)
     assert parity.ok, parity.table()
     assert {r.name for r in parity.rows if r.scale is None} == {"fc1", "fc2", "head"}
     everything = fq.prepare(Block(), data[0])
     fq.calibrate(everything, data)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", "fxptqat: lower", UserWarning)
-        fq.lower(everything)
+    fq.lower(everything)  # the default recipe still lowers with torch.ao
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN x86 fusions")
@@ -155,3 +154,30 @@ def test_inductor_fuses_gelu_and_add_into_the_int8_linears():
     assert counts["weighted"].get("qlinear_binary_matcher_count", 0) > counts["all"].get(
         "qlinear_binary_matcher_count", 0), counts
     assert counts["weighted"].get("qlinear_unary_matcher_count", 0) >= 1, counts
+
+
+
+class CatThenAdd(nn.Module):
+    """Two quantized outputs (fc0's is fc1's input; fc1's has a fused ReLU) are concatenated, and a
+    float add reads the cat: torch.ao's convert_fx hands the add a quantized tensor here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0 = nn.Linear(4, 4)
+        self.fc1 = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x):
+        v0 = self.fc0(x)
+        v = torch.cat([v0, self.relu(self.fc1(v0))], 1)
+        return self.fc2(v) + v
+
+
+def test_reference_graph_lowerings_handle_a_float_read_quantized_cat():
+    data = _data((6, 4))
+    qat = fq.prepare(CatThenAdd(), data[0], config=WEIGHTED)
+    fq.calibrate(qat, data)
+    assert _out_q(qat)["fc0"] is not None and _out_q(qat)["fc1"] is not None  # fc1 reads fc0; fused ReLU
+    lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=data[0])
+    assert fq.check_parity(qat, lowered, data).ok
