@@ -242,7 +242,7 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
     """The INT8 model computing what the fake-quant graph simulated.
 
     ``runtime="torch"`` (default): a GraphModule of torch.ao quantized modules (``convert_fx``),
-    eager CPU kernels. The other runtimes take torch.ao's *reference* graph (the same scales and
+    eager CPU kernels; not for ``QuantConfig(quantized_ops="weighted")`` (``LoweringError``). The other runtimes take torch.ao's *reference* graph (the same scales and
     zero points as decomposed quantize/dequantize ops) and need ``example_inputs``:
     ``"onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` (ONNX QDQ model with
     int8 weights; ``threads`` sets its intra-op threads, default ``torch.get_num_threads()``;
