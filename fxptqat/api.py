@@ -71,7 +71,7 @@ def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = No
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
-    if config.quantized_ops == "weighted" and config.act_bits is not None:
+    if config.weighted_only:
         drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
     fit_observers_to_clamps(gm)
     gm.graph.lint()
@@ -242,8 +242,9 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
     """The INT8 model computing what the fake-quant graph simulated.
 
     ``runtime="torch"`` (default): a GraphModule of torch.ao quantized modules (``convert_fx``),
-    eager CPU kernels; not for ``QuantConfig(quantized_ops="weighted")`` (``LoweringError``). The other runtimes take torch.ao's *reference* graph (the same scales and
-    zero points as decomposed quantize/dequantize ops) and need ``example_inputs``:
+    eager CPU kernels; not for ``QuantConfig(quantized_ops="weighted")`` (``LoweringError``).
+    The other runtimes take torch.ao's *reference* graph (the same scales and zero points as
+    decomposed quantize/dequantize ops) and need ``example_inputs``:
     ``"onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` (ONNX QDQ model with
     int8 weights; ``threads`` sets its intra-op threads, default ``torch.get_num_threads()``;
     needs ``fxptqat[onnx]``); ``"inductor"``: an :class:`~fxptqat.lowering_inductor.InductorModule`
@@ -267,7 +268,7 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
         if runtime == "inductor":
             return compile_inductor(ref, args)
         return export_onnx(ref, args, threads=threads or torch.get_num_threads())
-    if config.quantized_ops == "weighted" and config.act_bits is not None:
+    if config.weighted_only:
         raise LoweringError(
             "lower(runtime='torch') does not take QuantConfig(quantized_ops='weighted'): that recipe keeps "
             "float ops (and the conv/linear outputs only they read) between quantized layers, which torch.ao's "

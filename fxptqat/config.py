@@ -140,6 +140,12 @@ class QuantConfig:
         return -top, top
 
     @property
+    def weighted_only(self) -> bool:
+        """Activations are quantized only at conv/linear inputs (``quantized_ops="weighted"`` with
+        INT8 activations; weight-only graphs quantize no activation either way)."""
+        return self.quantized_ops == "weighted" and self.act_bits is not None
+
+    @property
     def act_qrange(self) -> tuple[int, int] | None:
         if self.act_bits is None:
             return None

@@ -85,7 +85,7 @@ def qconfig_mapping(config: QuantConfig) -> QConfigMapping:
     act = activation_fake_quant(config)
     weight = weight_fake_quant(config)
     qconfig = QConfig(activation=act, weight=weight)
-    weighted_only = config.quantized_ops == "weighted" and config.act_bits is not None
+    weighted_only = config.weighted_only
     mapping = QConfigMapping().set_global(None if weighted_only else qconfig)
     if weighted_only:
         for op in _WEIGHTED_OPS:

@@ -10,16 +10,16 @@ with a sum post-op, and q/k/v reach the attention kernel without a uint8 round t
 
 This pass gives fxptqat's graph the same rule: the output quantizer of a weighted node is removed
 when torch.ao left every one of its readers float (no qconfig: not a conv/linear reading it as its
-input, nor a ReLU or BN of the recipe) and the quantizer is its own (no other node calls the same
+input, nor a ReLU or BN of the recipe), the quantizer is its own (no other node calls the same
 module, as torch.ao does for a value feeding a ``cat``) and not requantized onto a cat's grid
-(``insert_fake_quant``), and no activation is applied to it (fused into the module, or a reader
-such as ReLU6 or GELU) whose result a float op reads: inductor (torch 2.13, torchao 0.18) cannot
-compile ``dq -> linear|conv -> activation -> add`` with a float activation output (its
-binary-fusion passes assert that no unary post-op was fused first; PT2E's own graph of the linear
-case fails the same way). ``linear -> GELU -> q`` (a transformer MLP) is fine and is what gains.
-The fake-quant network then computes exactly what the lowered one does (the
-error recorder and the parity check compare the float output), and the node's
-``NodeInfo.output_quantizer`` becomes None.
+(``insert_fake_quant``), and no activation is applied to it whose result a float op reads (a ReLU
+fused into the module always keeps it; so does a ReLU6, GELU, ... reader followed by a float op).
+Inductor (torch 2.13, torchao 0.18) cannot compile ``dq -> linear|conv -> activation -> add``
+with a float activation output: its binary-fusion passes assert that no unary post-op was fused
+first, and PT2E's own graph of the linear case fails the same way. ``linear -> GELU -> q`` (a
+transformer MLP) is fine and is where the rule gains. The fake-quant network then computes exactly
+what the lowered one does (the error recorder and the parity check compare the float output), and
+the node's ``NodeInfo.output_quantizer`` becomes None.
 
 Runs on a prepared graph before calibration; ``modified`` is False when no such quantizer is left.
 """
@@ -55,15 +55,13 @@ def _is_activation(node: fx.Node, gm: fx.GraphModule) -> bool:
     return node.op in ("call_function", "call_method") and node.target in _ACTIVATION_FNS
 
 
-def _read_only_by_quantizers(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), FakeQuantize) for u in node.users)
+def _is_quantizer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantize)
 
 
-def _activation_then_float(quantizer: fx.Node, module, gm: fx.GraphModule) -> bool:
-    """An activation (fused, or reading the value) whose result a float op reads."""
-    if isinstance(module, _FUSED_RELU):
-        return not _read_only_by_quantizers(quantizer, gm)
-    return any(_is_activation(u, gm) and not _read_only_by_quantizers(u, gm) for u in quantizer.users)
+def _activation_then_float(quantizer: fx.Node, gm: fx.GraphModule) -> bool:
+    """A reader of the value is an activation whose result a float op reads."""
+    return any(_is_activation(u, gm) and not all(_is_quantizer(v, gm) for v in u.users) for u in quantizer.users)
 
 
 def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
@@ -79,14 +77,13 @@ def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
         quantizer = nodes.get(info.output_quantizer) if info.output_quantizer else None
         if quantizer is None or quantizer.op != "call_module" or quantizer.args[0] is not node:
             continue
-        if not isinstance(gm.get_submodule(quantizer.target), FakeQuantize) or calls[quantizer.target] != 1:
+        if not _is_quantizer(quantizer, gm) or calls[quantizer.target] != 1:
             continue
-        if _activation_then_float(quantizer, gm.get_submodule(node.target), gm):
+        if isinstance(gm.get_submodule(node.target), _FUSED_RELU) or _activation_then_float(quantizer, gm):
             continue  # see the module docstring: inductor's {linear,conv}+activation+add fusion fails on it
         if any(user.op != "output" and qconfigs.get(user.name) is not None for user in quantizer.users):
             continue  # a quantized op reads it (for a conv/linear: its input quantizer)
-        if any(user.op == "call_module" and isinstance(gm.get_submodule(user.target), FakeQuantize)
-               for user in quantizer.users):
+        if any(_is_quantizer(user, gm) for user in quantizer.users):
             continue  # requantized onto a cat's grid (passes/insert_fake_quant.py): left as torch.ao made it
         quantizer.replace_all_uses_with(node)
         gm.graph.erase_node(quantizer)

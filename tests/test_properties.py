@@ -206,6 +206,8 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
     grads = [p.requires_grad for p in gm.parameters()]
     assert mark_trainable(gm, trainable=chosen).modified is False
     assert [p.requires_grad for p in gm.parameters()] == grads
+    if config.weighted_only:
+        return  # the passes below work on torch.ao's INT8 graph, which lower() refuses for this recipe
 
     # lowering: push weights past the frozen scale (what fine-tuning does) so clamping has work
     if data.draw(st.booleans(), label="push weights"):

@@ -156,7 +156,6 @@ def test_inductor_fuses_gelu_and_add_into_the_int8_linears():
     assert counts["weighted"].get("qlinear_unary_matcher_count", 0) >= 1, counts
 
 
-
 class CatThenAdd(nn.Module):
     """Two quantized outputs (fc0's is fc1's input; fc1's has a fused ReLU) are concatenated, and a
     float add reads the cat: torch.ao's convert_fx hands the add a quantized tensor here."""
