@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -21,7 +21,7 @@ from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
-from fxptqat.passes.pack_with_onednn import onednn_available, pack_with_onednn
+from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
 from fxptqat.passes.split_shared_modules import split_shared_modules
 
@@ -32,14 +32,14 @@ from .fake_quantize import FakeQuantize
 from .finetune import finetune
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
-from .lowering import convert, quantized_engine, reference, x86_routes_to_fbgemm
+from .lowering import convert, exact_u8s8_kernels, quantized_engine, reference, x86_routes_to_fbgemm
 from .lowering_inductor import InductorModule, compile_inductor
 from .lowering_onnx import OnnxRuntimeModule, export_onnx
 from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
 from .stages import require
-from .tracing import trace
+from .tracing import graph_inputs, trace
 
 __all__ = [
     "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
@@ -50,8 +50,16 @@ log = logging.getLogger(__name__)
 
 
 # -- pipeline -------------------------------------------------------------------------------------
-def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = None) -> fx.GraphModule:
-    """Trace a copy of ``model`` and insert fake-quant; ``model`` itself is never mutated."""
+def prepare(
+    model: nn.Module, example_inputs, *, kwargs: Mapping | None = None, config: QuantConfig | None = None
+) -> fx.GraphModule:
+    """Trace a copy of ``model`` and insert fake-quant; ``model`` itself is never mutated.
+
+    The graph takes exactly the tensors given: ``example_inputs`` (positional) and the tensor
+    values of ``kwargs``, in the order of ``model.forward``'s signature; calibration batches give
+    them in that order (or as a dict by name). Arguments not given keep their defaults and
+    non-tensor ``kwargs`` their values: both are baked into the graph, as torch.export does.
+    """
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise ConfigError(f"prepare(): config must be a fxptqat.QuantConfig, got {type(config).__name__}.")
@@ -59,14 +67,19 @@ def prepare(model: nn.Module, example_inputs, *, config: QuantConfig | None = No
         raise InputError(f"prepare(): model must be a torch.nn.Module, got {type(model).__name__}.")
     if isinstance(model, fx.GraphModule) and meta.graph_info(model) is not None:
         raise StageError("prepare(): this GraphModule is already prepared; pass the original float model.")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise InputError(f"prepare(): kwargs must be a dict of keyword inputs, got {type(kwargs).__name__}.")
+    kwargs = dict(kwargs or {})
     example_inputs = as_args(example_inputs, what="prepare(): example_inputs")
     if not all(isinstance(x, torch.Tensor) for x in example_inputs):
         raise InputError(
             "prepare(): example_inputs must be tensors, got "
-            f"{[type(x).__name__ for x in example_inputs]}."
+            f"{[type(x).__name__ for x in example_inputs]}; give non-tensor options with kwargs={{...}}."
         )
+    names, _ = graph_inputs(model, len(example_inputs), kwargs)
+    example_inputs = (*example_inputs, *(kwargs[n] for n in names[len(example_inputs):]))
     work = copy.deepcopy(model)
-    gm = trace(work, config)
+    gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
     split_shared_modules(gm)
@@ -266,8 +279,10 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
         ref = reference(qat, config)
         clamp_int_weights(ref, qmin=qmin, qmax=qmax)
         if runtime == "inductor":
+            _refuse_saturating_kernels(config)
             return compile_inductor(ref, args)
-        return export_onnx(ref, args, threads=threads or torch.get_num_threads())
+        return export_onnx(ref, args, threads=threads or torch.get_num_threads(),
+                           uint8_weights=not exact_u8s8_kernels())
     if config.weighted_only:
         raise LoweringError(
             "lower(runtime='torch') does not take QuantConfig(quantized_ops='weighted'): that recipe keeps "
@@ -279,11 +294,45 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
     int8 = convert(qat, config)
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
         clamp_int_weights(int8, qmin=qmin, qmax=qmax)
-    if config.engine == "x86" and onednn_available():
-        pack_with_onednn(int8, select=x86_routes_to_fbgemm)
+    _pin_exact_kernels(int8, config)
     replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
     drop_noop_clamps(int8)
     return int8
+
+
+def _refuse_saturating_kernels(config: QuantConfig) -> None:
+    """inductor lowers to oneDNN's u8 x s8 kernels, which have no exact path without AVX-512 VNNI."""
+    if exact_u8s8_kernels() or config.act_bits is None:
+        return
+    if 2 * config.act_qrange[1] * config.weight_qrange[1] > 2**15 - 1:
+        raise LoweringError(
+            f"lower(runtime='inductor'): this CPU has no AVX-512 VNNI, so oneDNN's INT8 kernels add pairs of "
+            f"products in 16 bits and saturate with {config.weight_bits}-bit weights on full-range activations: "
+            "the compiled model would not compute what fake-quant simulated. Prepare with "
+            "QuantConfig(reduce_range=True) or weight_bits<=7, or lower with runtime='torch' or 'onnxruntime' "
+            "(both run exact kernels here)."
+        )
+
+
+def _pin_exact_kernels(int8: fx.GraphModule, config: QuantConfig) -> None:
+    """Move modules off kernels that would not compute what fake-quant simulated
+    (``passes/pack_with_engine.py`` says which and why)."""
+    if config.engine not in ("x86", "fbgemm"):
+        return
+    if not exact_u8s8_kernels():
+        codes = config.act_qrange[1]
+        if not any(may_saturate(m, act_codes=codes) for m in int8.modules()):
+            return
+        if not engine_available("qnnpack"):
+            raise LoweringError(
+                "lower(): this CPU has no AVX-512 VNNI, so fbgemm's and oneDNN's INT8 kernels add pairs of "
+                "products in 16 bits and saturate with 8-bit weights on full-range activations, and this torch "
+                "has no qnnpack engine to run them exactly. Prepare with QuantConfig(reduce_range=True) or "
+                "weight_bits<=7."
+            )
+        pack_with_engine(int8, engine="qnnpack", select=lambda m: may_saturate(m, act_codes=codes))
+    elif config.engine == "x86" and engine_available("onednn"):
+        pack_with_engine(int8, engine="onednn", select=x86_routes_to_fbgemm)
 
 
 def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb: float = 1.0) -> ParityReport:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.fx as fx
@@ -25,7 +25,7 @@ def as_args(batch, *, what: str) -> tuple:
     if not isinstance(batch, tuple):
         raise InputError(
             f"{what} must be a tensor or a tuple of tensors, got {type(batch).__name__}. "
-            "Wrap a single input as (x,); a dict batch must be unpacked by the caller."
+            "Wrap a single input as (x,)."
         )
     return batch
 
@@ -41,8 +41,15 @@ def iter_batches(batches: Iterable, gm: fx.GraphModule, *, what: str) -> Iterato
             f"{what}: expected an iterable of batches (a list of tuples, a DataLoader...), got "
             f"{type(batches).__name__}. For one batch pass [batch]."
         )
-    n_inputs = len(placeholders(gm))
+    names = [str(p.target) for p in placeholders(gm)]
+    n_inputs = len(names)
     for i, batch in enumerate(batches):
+        if isinstance(batch, Mapping):
+            missing = [n for n in names if n not in batch]
+            if missing:
+                raise InputError(f"{what}: batch {i} is a dict without the model input(s) {missing}; it has "
+                                 f"{sorted(batch)}.")
+            batch = tuple(batch[n] for n in names)
         args = as_args(batch, what=f"{what}: batch {i}")
         if len(args) < n_inputs:
             raise InputError(

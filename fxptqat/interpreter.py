@@ -44,14 +44,20 @@ def source_line(node: fx.Node) -> str:
 
 def _check_finite(node: fx.Node, value, path: str) -> None:
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-        origin = "an input batch" if node.op == "placeholder" else "the graph"
+        if node.op == "placeholder":
+            raise CalibrationError(
+                f"{path}: an input batch holds NaN or Inf in input {node.name!r}. Clean the data "
+                "(torch.nan_to_num) or drop the batch."
+            )
         raise CalibrationError(
-            f"{path}: {_where(node)} produced NaN or Inf; it is the first such node, so the non-finite "
-            f"values come from {origin}. Clean the data (torch.nan_to_num) or fix the layer."
+            f"{path}: {_where(node)} produced NaN or Inf from finite inputs (it is the first such node). "
+            "The inputs are not to blame: the layer's float computation overflows (weights or "
+            "statistics out of range) or its quantized form does; check its weights and BatchNorm "
+            "statistics, and report it to fxptqat if the float model computes finite values here."
         )
 
 
-def _is_quantizer(module) -> bool:
+def is_quantizer(module) -> bool:
     return isinstance(module, (FakeQuantizeBase, ObserverBase))
 
 
@@ -162,7 +168,7 @@ class ErrorRecorder(CheckedInterpreter):
         q = getattr(self, n.op)(n.target, q_args, q_kwargs)
         if n.op == "call_module":
             module = self.fetch_attr(n.target)
-            if _is_quantizer(module):
+            if is_quantizer(module):
                 source = self.env[n.args[0]]
                 iso = module(source.iso) if source.iso is not None else None
                 return _Pair(q, f_args[0], iso)

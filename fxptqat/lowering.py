@@ -15,7 +15,7 @@ from .config import QuantConfig
 from .errors import LoweringError
 from .qconfig import backend_config
 
-__all__ = ["convert", "reference", "quantized_engine", "x86_routes_to_fbgemm"]
+__all__ = ["convert", "reference", "quantized_engine", "x86_routes_to_fbgemm", "exact_u8s8_kernels"]
 
 
 @contextlib.contextmanager
@@ -66,3 +66,12 @@ def x86_routes_to_fbgemm(module: torch.nn.Module) -> bool:
     whose depthwise kernel saturates 16-bit pair sums on full-range uint8 inputs.
     """
     return getattr(module, "groups", 1) > 100 and not getattr(module, "transposed", False)
+
+
+def exact_u8s8_kernels() -> bool:
+    """Whether this CPU has AVX-512 VNNI, with which fbgemm's and oneDNN's uint8 x int8 GEMM and
+    conv kernels accumulate in 32 bits. Without it they add product pairs in 16 bits
+    (``vpmaddubsw``) and saturate on 8-bit weights with full-range activations; torch documents the
+    same limit as the reason for ``reduce_range``. ``torch.cpu.get_capabilities`` (torch >= 2.3)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(capabilities and capabilities().get("avx512_vnni", False))

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .errors import LoweringError
 
-__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization"]
+__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "weights_to_uint8"]
 
 _FOLDABLE = ("QuantizeLinear", "Clip", "Cast")
 
@@ -71,6 +71,35 @@ def fold_weight_quantization(model) -> int:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return folded
+
+
+def weights_to_uint8(model) -> int:
+    """Store int8 weights that DequantizeLinear reads as uint8 with zero point 128 (the same values);
+    returns how many. Without AVX-512 VNNI, onnxruntime's u8 x s8 kernels add product pairs in 16
+    bits (``vpmaddubsw``) and saturate on 8-bit weights with full-range activations; its u8 x u8
+    kernels do not (onnxruntime's quantization guide recommends U8U8 there)."""
+    onnx, _ = _import()
+    from onnx import numpy_helper
+
+    values = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    converted = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        weight, zero = values.get(node.input[0]), values.get(node.input[2])
+        if weight is None or zero is None or weight.data_type != onnx.TensorProto.INT8:
+            continue
+        if readers[node.input[0]] != 1 or readers[node.input[2]] != 1:
+            continue  # shared with another reader: leave it
+        for init, name in ((weight, node.input[0]), (zero, node.input[2])):
+            array = numpy_helper.to_array(init).astype(np.int16) + 128
+            init.CopyFrom(numpy_helper.from_array(array.astype(np.uint8), name))
+        converted += 1
+    return converted
 
 
 class OnnxRuntimeModule(nn.Module):
@@ -133,8 +162,11 @@ class OnnxRuntimeModule(nn.Module):
         self._start()
 
 
-def export_onnx(reference: fx.GraphModule, example_inputs: tuple, *, threads: int) -> OnnxRuntimeModule:
-    """Export ``reference`` (batch dimension dynamic) and open it with onnxruntime."""
+def export_onnx(
+    reference: fx.GraphModule, example_inputs: tuple, *, threads: int, uint8_weights: bool = False
+) -> OnnxRuntimeModule:
+    """Export ``reference`` (batch dimension dynamic) and open it with onnxruntime; ``uint8_weights``:
+    see :func:`weights_to_uint8`."""
     onnx, _ = _import()
     if not example_inputs or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in example_inputs):
         raise LoweringError("lower(runtime='onnxruntime') needs example_inputs: a tuple of batched tensors.")
@@ -149,6 +181,8 @@ def export_onnx(reference: fx.GraphModule, example_inputs: tuple, *, threads: in
         raise LoweringError(f"ONNX export of the reference graph failed: {type(e).__name__}: {e}") from e
     model = program.model_proto
     fold_weight_quantization(model)
+    if uint8_weights:
+        weights_to_uint8(model)
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of the file
         del node.metadata_props[:]
         node.doc_string = ""

@@ -24,16 +24,22 @@ import dataclasses
 import torch
 import torch.fx as fx
 from tabulate import tabulate
+from torch.fx.node import map_arg
 
 from . import meta
 from .inputs import iter_batches
-from .interpreter import CheckedInterpreter
+from .interpreter import CheckedInterpreter, is_quantizer
 
 __all__ = ["ParityRow", "ParityReport", "compare"]
 
 
 class _Capture(CheckedInterpreter):
-    """Runs the fake-quant graph and keeps the values of the named nodes."""
+    """Runs the fake-quant graph and keeps the values of the named nodes.
+
+    Values are cloned: an in-place op later in the graph (torchvision's ``Hardswish(inplace=True)``
+    after a conv's output quantizer) would otherwise rewrite the kept value, and the comparison
+    would hold the INT8 conv against the activation's output.
+    """
 
     def __init__(self, gm: fx.GraphModule, names: set[str]):
         super().__init__(gm, check_finite=False, what="check_parity (fake-quant)")
@@ -43,21 +49,26 @@ class _Capture(CheckedInterpreter):
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
         if n.name in self.names:
-            self.values[n.name] = value
+            self.values[n.name] = value.clone()
         return value
 
 
 class _Int8Run(CheckedInterpreter):
-    """Runs the INT8 graph; at each weighted node also runs it on the fake-quant input."""
+    """Runs the INT8 graph; at each weighted node also runs it on the fake-quant input, and at every
+    other op with a fake-quant counterpart runs the fake-quant op on the INT8 graph's own inputs."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: dict[str, torch.Tensor]):
+    def __init__(self, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], qat: fx.GraphModule, ops: dict):
         super().__init__(gm, check_finite=False, what="check_parity (INT8)")
         self.inputs = inputs
+        self.qat, self.ops = qat, ops
+        self.by_name: dict[str, torch.Tensor] = {}
         self.propagated: dict[str, torch.Tensor] = {}
         self.isolated: dict[str, torch.Tensor] = {}
+        self.local: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # op -> (fake-quant, lowered)
 
     def run_node(self, n: fx.Node):
         value = super().run_node(n)
+        self.by_name[n.name] = value
         if n.name in self.inputs and n.op == "call_module":
             live = self.env[n.args[0]]
             x = self.inputs[n.name]
@@ -65,8 +76,55 @@ class _Int8Run(CheckedInterpreter):
                 x = torch.quantize_per_tensor(x, live.q_scale(), live.q_zero_point(), live.dtype)
             alone = self.fetch_attr(n.target)(x, *[self.env[a] for a in n.args[1:]])
             self.isolated[n.name] = alone.dequantize() if alone.is_quantized else alone
-            self.propagated[n.name] = value.dequantize() if value.is_quantized else value
+            self.propagated[n.name] = value.dequantize() if value.is_quantized else value.clone()
+        elif n.name in self.ops and isinstance(value, torch.Tensor):
+            node = self.ops[n.name]
+            local = self._fake_quant_op(node)
+            if local is not None:
+                lowered = value.dequantize() if value.is_quantized else value.clone()
+                grid = self._output_quantizer(node)
+                if grid is not None and not value.is_quantized:
+                    lowered = grid(lowered)  # a float op whose next Q/DQ pair holds this grid
+                self.local[n.name] = (local, lowered)
         return value
+
+    def _output_quantizer(self, node: fx.Node):
+        users = list(node.users)
+        if len(users) == 1 and _is_quantizer_node(self.qat, users[0]):
+            return self.qat.get_submodule(users[0].target)
+        return None
+
+    def _value(self, node: fx.Node):
+        """The lowered graph's value of fake-quant node ``node`` as fake-quant would see it."""
+        if _is_quantizer_node(self.qat, node):
+            source = self._value(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            return None if source is None else self.qat.get_submodule(node.target)(source)
+        if node.name not in self.by_name:
+            raise KeyError(node.name)
+        value = self.by_name[node.name]
+        if isinstance(value, torch.Tensor):
+            return value.dequantize() if value.is_quantized else value.clone()  # in-place ops
+        return value
+
+    def _fake_quant_op(self, node: fx.Node):
+        try:
+            args, kwargs = map_arg((node.args, node.kwargs), self._value)
+        except KeyError:
+            return None  # an input the lowering removed or renamed
+        if node.op == "call_module":
+            out = self.qat.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        else:
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        grid = self._output_quantizer(node)
+        if grid is not None:
+            out = grid(out)
+        return out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
+
+
+def _is_quantizer_node(gm: fx.GraphModule, node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and is_quantizer(gm.get_submodule(node.target))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +146,41 @@ class ParityRow:
 
 @dataclasses.dataclass(frozen=True)
 class ParityReport:
+    """``rows``: the weighted nodes compared; ``not_compared``: ``(node, reason)`` for every other
+    weighted node of the fake-quant graph. The network output is judged by its mean absolute
+    difference (``output_mean_abs`` against ``output_tolerance``): one-step ties add up through
+    the network, so single elements may move by a few steps, but a kernel computing something else
+    moves the mean (see :func:`compare`)."""
+
     rows: tuple[ParityRow, ...]
     output_max_abs: float
     top1_agreement: float | None  # share of samples whose argmax agrees (2-D outputs)
     samples: int
+    not_compared: tuple[tuple[str, str], ...] = ()
+    ops: tuple[ParityRow, ...] = ()  # every other op, fake-quant run on the lowered graph's inputs
+    output_node: str | None = None  # the op or weighted node that makes the network output
+    output_mean_abs: float | None = None  # None: the output was not compared (not a tensor)
+    output_tolerance: float | None = None  # on output_mean_abs, for a lowered model run outside torch
+    output_scale: float | None = None  # the output quantizer's step; None for a float output
+
+    @property
+    def coverage(self) -> float:
+        """Share of the graph's weighted nodes that were compared."""
+        total = len(self.rows) + len(self.not_compared)
+        return len(self.rows) / total if total else 0.0
+
+    @property
+    def output_ok(self) -> bool:
+        """The op making the network output was compared and agrees, and a lowered model run outside
+        torch (onnxruntime, inductor) is within ``output_tolerance`` of the graph it was made from.
+        Where the lowering renamed that op, the output is judged end to end: mean |diff| within
+        one output step."""
+        made = {r.name: r.ok for r in (*self.rows, *self.ops)}.get(self.output_node)
+        end_to_end = self.output_tolerance is None or (
+            self.output_mean_abs is not None and self.output_mean_abs <= self.output_tolerance)
+        if made is None:  # not compared locally: judged end to end only
+            return self.output_tolerance is not None and end_to_end
+        return made and end_to_end
 
     @property
     def first_divergence(self) -> str | None:
@@ -99,8 +188,14 @@ class ParityReport:
         return next((r.name for r in self.rows if not r.ok), None)
 
     @property
+    def diverging_ops(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.ops if not r.ok)
+
+    @property
     def ok(self) -> bool:
-        return self.first_divergence is None
+        """At least one weighted node compared, every compared node and op within tolerance, and the
+        network output judged. Read :attr:`coverage` beside it: nodes not compared are not judged."""
+        return bool(self.rows) and self.first_divergence is None and not self.diverging_ops and self.output_ok
 
     def table(self, *, tablefmt: str = "simple") -> str:
         def steps(r: ParityRow, v: float) -> str:
@@ -111,36 +206,89 @@ class ParityReport:
              steps(r, r.propagated_max_abs), f"{r.propagated_frac_off:.2%}", "ok" if r.ok else "DIVERGES"]
             for r in self.rows
         ]
+        body += [[name, "", "", "", "", f"not compared: {why}"] for name, why in self.not_compared]
+        body += [[f"{r.name} (op)", f"{r.scale:.3g}" if r.scale else "float", steps(r, r.isolated_max_abs), "", "",
+                  "DIVERGES"] for r in self.ops if not r.ok]
         head = ["node", "out step", "isolated max (steps)", "propagated max (steps)", "prop > 1 step", "parity"]
-        return tabulate(body, headers=head, tablefmt=tablefmt)
+        text = tabulate(body, headers=head, tablefmt=tablefmt)
+        verdict = "ok" if self.output_ok else "DIVERGES"
+        if self.output_mean_abs is None:
+            return text + f"\nnetwork output ({self.output_node}): {verdict}, end to end not compared (not a tensor)"
+        unit = (lambda v: f"{v / self.output_scale:.3g} steps") if self.output_scale else (lambda v: f"{v:.3g}")
+        bound = "" if self.output_tolerance is None else f" (tolerance {unit(self.output_tolerance)})"
+        return (text + f"\nnetwork output ({self.output_node}): {verdict}; end to end mean |diff| "
+                f"{unit(self.output_mean_abs)}{bound}, max {unit(self.output_max_abs)}; "
+                f"{len(self.rows)}/{len(self.rows) + len(self.not_compared)} weighted nodes and "
+                f"{len(self.ops)} other ops compared")
+
+
+def _fan_in(module) -> int:
+    outputs = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or 1
+    return max(1, module.weight.numel() // outputs)
+
+
+def _step(qat: fx.GraphModule, node) -> float | None:
+    """The per-tensor step of the quantizer ``node`` calls, if it is one."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return None
+    scale = getattr(qat.get_submodule(node.target), "scale", None)
+    return float(scale) if isinstance(scale, torch.Tensor) and scale.numel() == 1 and getattr(
+        qat.get_submodule(node.target), "frozen", False) else None
+
+
+def _float_output_step(qat: fx.GraphModule, made) -> float:
+    """For a float output made by weighted node N whose input is quantized (possibly followed by
+    pooling, flatten or reshape): one input step pushed through N's weights in the worst direction
+    (``step_in * max_row ||W||_1``), the float image of a one-step tie; 0 when there is no such N."""
+    while (isinstance(made, fx.Node) and meta.node_info(made) is None and made.op != "placeholder"
+           and made.args and isinstance(made.args[0], fx.Node)):
+        made = made.args[0]  # pooling, flatten, reshape after the last layer: they do not amplify
+    if not isinstance(made, fx.Node) or meta.node_info(made) is None or not isinstance(made.args[0], fx.Node):
+        return 0.0
+    step_in = _step(qat, made.args[0])
+    if step_in is None:
+        return 0.0
+    module = qat.get_submodule(made.target)
+    weight = module.weight_fake_quant(module.weight.detach())
+    return step_in * float(weight.abs().reshape(weight.shape[0], -1).sum(1).max())
 
 
 def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb: float, run=None) -> ParityReport:
     """``run``: the lowered model whose network output is compared, when ``int8`` is only its graph:
     a reference graph, whose modules return float values that its next Q/DQ pair (the same scale
     and zero point as the fake-quant output quantizer) puts on the grid; that pair is applied here."""
+    int8_nodes = {n.name: n for n in int8.graph.nodes}
     points = {}  # weighted node -> (its input node, node compared, output step)
     fan_in = {}  # weighted node -> products summed per output element
+    not_compared = []
     for node, info in meta.quantized_nodes(qat):
-        module = qat.get_submodule(node.target)
-        outputs = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or 1
-        fan_in[node.name] = max(1, module.weight.numel() // outputs)
-        scale = None
-        if info.output_quantizer is not None:
-            fq = qat.get_submodule(info.output_quantizer)
-            scale = float(fq.scale) if fq.scale.numel() == 1 else None
-        points[node.name] = (node.args[0].name, info.output_quantizer or node.name, scale)
-    int8_nodes = {n.name for n in int8.graph.nodes if n.op == "call_module"}
-    points = {k: v for k, v in points.items() if k in int8_nodes}
+        lowered = int8_nodes.get(node.name)
+        if lowered is None or lowered.op != "call_module":
+            not_compared.append((node.name, "the lowered graph has no module call of this name (fused or renamed)"))
+            continue
+        if not isinstance(node.args[0], fx.Node):
+            not_compared.append((node.name, "its input is not a graph value"))
+            continue
+        fan_in[node.name] = _fan_in(qat.get_submodule(node.target))
+        out_q = next((u for u in node.users if u.name == info.output_quantizer), None)
+        points[node.name] = (node.args[0].name, info.output_quantizer or node.name, _step(qat, out_q))
+    ops = {n.name: n for n in qat.graph.nodes if n.op in ("call_module", "call_function", "call_method")
+           and n.name in int8_nodes and n.name not in points and meta.node_info(n) is None
+           and not _is_quantizer_node(qat, n)}
     acc = {name: [0.0, 0.0, 0, 0, 0.0] for name in points}  # iso, prop, off, count, magnitude
-    out_max, agree, samples = 0.0, 0, 0
+    op_acc: dict[str, list[float]] = {}  # op -> [local max |diff|, magnitude]
+    out_max, out_sum, ref_sum, out_count, agree, samples = 0.0, 0.0, 0.0, 0, 0, 0
     for args in iter_batches(batches, qat, what="check_parity()"):
         cap = _Capture(qat, {p for v in points.values() for p in v[:2]})
         q_out = cap.run(*args)
-        runner = _Int8Run(int8, {name: cap.values[inp] for name, (inp, _, _) in points.items()})
-        i_out = runner.run(*args)
+        runner = _Int8Run(int8, {name: cap.values[inp] for name, (inp, _, _) in points.items()}, qat, ops)
+        graph_out = i_out = runner.run(*args)
         if run is not None:
             i_out = run(*args)
+        for name, (fake, lowered) in runner.local.items():
+            a = op_acc.setdefault(name, [0.0, 0.0])
+            a[0] = max(a[0], float((fake - lowered).abs().max()) if fake.shape == lowered.shape else float("inf"))
+            a[1] = max(a[1], float(fake.abs().max()))
         for name, (_, point, scale) in points.items():
             ref = cap.values[point]
             isolated, propagated = runner.isolated[name], runner.propagated[name]
@@ -156,14 +304,51 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             a[4] = max(a[4], float(ref.abs().max()))
         if isinstance(q_out, torch.Tensor) and isinstance(i_out, torch.Tensor):
             i_out = i_out.dequantize() if i_out.is_quantized else i_out
-            out_max = max(out_max, float((q_out - i_out).abs().max()))
+            graph_out = graph_out.dequantize() if graph_out.is_quantized else graph_out
+            diff = (q_out - i_out).abs()
+            out_max = max(out_max, float(diff.max()))
+            out_sum += float(diff.double().sum())
+            ref_sum += float((q_out - graph_out).abs().double().sum())
+            out_count += diff.numel()
             if q_out.dim() == 2:
                 agree += int((q_out.argmax(1) == i_out.argmax(1)).sum())
                 samples += q_out.shape[0]
     rows = []
     for name, (_, _, scale) in points.items():
         iso, prop, off, count, magnitude = acc[name]
+        if count == 0:
+            not_compared.append((name, "no batch was given"))
+            continue
         relative = max(1e-4, fan_in[name] * torch.finfo(torch.float32).eps)
         tol = tolerance_lsb * scale * (1 + 1e-3) if scale else relative * magnitude + 1e-6
         rows.append(ParityRow(name, scale, tol, iso, prop, off / max(count, 1)))
-    return ParityReport(tuple(rows), out_max, agree / samples if samples else None, samples)
+    op_rows = []
+    for name, (local, magnitude) in op_acc.items():
+        step = _step(qat, next(iter(ops[name].users))) if len(ops[name].users) == 1 else None
+        tol = tolerance_lsb * step * (1 + 1e-3) if step else 1e-5 * magnitude + 1e-6  # float ops: same math
+        op_rows.append(ParityRow(name, step, tol, local, 0.0, 0.0))
+    order = {n.name: i for i, n in enumerate(qat.graph.nodes)}
+    (output,) = [n for n in qat.graph.nodes if n.op == "output"]
+    made = output.args[0]
+    while _is_quantizer_node(qat, made):
+        made = made.args[0]
+    out_scale = _step(qat, output.args[0])
+    out_tol = None
+    compared = {r.name for r in rows} | {r.name for r in op_rows}
+    if run is None and out_count and made.name not in compared:
+        # the op making the output was renamed by the lowering: judge the output end to end
+        step = out_scale if out_scale is not None else _float_output_step(qat, made)
+        out_tol = tolerance_lsb * step + 1e-6
+    if run is not None and out_count:
+        # an executor of the same graph is held to one output step (for a float output: one input
+        # step of the layer that makes it) beyond the float reference graph's own distance to
+        # fake-quant (one-step ties that the network amplifies)
+        step = out_scale if out_scale is not None else _float_output_step(qat, made)
+        out_tol = tolerance_lsb * step + 2 * ref_sum / out_count + 1e-6
+    return ParityReport(
+        tuple(rows), out_max, agree / samples if samples else None, samples,
+        not_compared=tuple(sorted(not_compared, key=lambda r: order[r[0]])),
+        ops=tuple(sorted(op_rows, key=lambda r: order[r.name])),
+        output_node=made.name if isinstance(made, fx.Node) else None,
+        output_mean_abs=out_sum / out_count if out_count else None, output_tolerance=out_tol, output_scale=out_scale,
+    )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import traceback
+from collections.abc import Mapping
 
 import torch
 import torch.fx as fx
@@ -12,7 +14,10 @@ import torch.nn as nn
 from .config import QuantConfig
 from .errors import TraceError
 
-__all__ = ["trace"]
+__all__ = ["trace", "graph_inputs"]
+
+_TRACE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.KEYWORD_ONLY)
 
 
 class _Tracer(fx.Tracer):
@@ -36,11 +41,64 @@ def _user_frame(exc: BaseException) -> str:
     return f" at {f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
 
 
-def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
-    """Symbolically trace ``model`` (not copied here) with source lines recorded."""
-    tracer = _Tracer(config.leaf_modules)
+def graph_inputs(model: nn.Module, n_args: int, kwargs: Mapping) -> tuple[list[str], dict]:
+    """Split ``model.forward``'s parameters into the graph's inputs and the values baked into it.
+
+    The graph takes exactly what the user gave as tensors: the first ``n_args`` parameters and the
+    tensor ``kwargs``, in signature order. Every other parameter is specialised, as torch.export
+    does: a non-tensor keyword to its value, a parameter not given to its default.
+    """
     try:
-        graph = tracer.trace(model, concrete_args=dict(config.concrete_args or {}) or None)
+        params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in _TRACE_KINDS]
+    except (TypeError, ValueError):
+        return [], {}
+    positional = [p for p in params if p.kind != inspect.Parameter.KEYWORD_ONLY]
+    if n_args > len(positional):
+        raise TraceError(
+            f"{type(model).__name__}.forward takes {len(positional)} positional argument(s) "
+            f"({', '.join(p.name for p in positional)}) but example_inputs has {n_args}."
+        )
+    names = {p.name for p in params}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TraceError(
+            f"{type(model).__name__}.forward has no argument(s) {unknown}; it takes "
+            f"{', '.join(p.name for p in params)}."
+        )
+    given = {p.name for p in positional[:n_args]}
+    twice = sorted(given & set(kwargs))
+    if twice:
+        raise TraceError(f"example inputs give {twice} both positionally and as keywords.")
+    inputs, concrete = [], {}
+    for p in params:
+        if p.name in given or (p.name in kwargs and isinstance(kwargs[p.name], torch.Tensor)):
+            inputs.append(p.name)
+        elif p.name in kwargs:
+            concrete[p.name] = kwargs[p.name]
+        elif p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+        else:
+            raise TraceError(
+                f"{type(model).__name__}.forward needs argument {p.name!r}, which has no default and "
+                "is not in the example inputs: pass it positionally or with kwargs={...}."
+            )
+    return inputs, concrete
+
+
+def trace(model: nn.Module, config: QuantConfig, *, n_args: int | None = None, kwargs: Mapping | None = None
+          ) -> fx.GraphModule:
+    """Symbolically trace ``model`` (not copied here) with source lines recorded.
+
+    With ``n_args`` (how many positional example inputs were given) the graph takes exactly the
+    given inputs; see :func:`graph_inputs`. ``QuantConfig(concrete_args=...)`` overrides.
+    """
+    tracer = _Tracer(config.leaf_modules)
+    concrete = {}
+    if n_args is not None:
+        _, concrete = graph_inputs(model, n_args, kwargs or {})
+    concrete.update(config.concrete_args or {})
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}{_user_frame(e)}: {type(e).__name__}: {e}. "
@@ -49,8 +107,8 @@ def trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             "QuantConfig(concrete_args={'flag': True})."
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    if config.concrete_args:
-        _bake_concrete_args(gm.graph, dict(config.concrete_args))
+    if concrete:
+        _bake_concrete_args(gm.graph, concrete)
         gm.recompile()
     return gm
 
@@ -60,7 +118,8 @@ def _bake_concrete_args(graph: fx.Graph, concrete: dict) -> None:
     e.g. ``use_b_1``, with the original default) plus an assert that each call repeats the traced
     value; the prepared graph should take only the remaining inputs."""
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch._assert and "has been specialized" in str(node.args):
+        if node.op == "call_function" and node.target in (torch._assert, fx._symbolic_trace._assert_is_none) \
+                and "has been specialized" in str(node.args):
             graph.erase_node(node)
     graph.eliminate_dead_code()
     for node in list(graph.nodes):

@@ -61,6 +61,7 @@ def insert_fake_quant(
         # ever prepared, and its weights, alive.
         assert_and_get_unique_device.cache_clear()
     _transplant(prepared, into=gm)
+    _fold_zero_gamma_exactly(gm)
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)
     _requantize_cat_inputs(gm)
@@ -82,6 +83,19 @@ def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
     into.graph = prepared.graph
     into.meta.update(prepared.meta)
     into.recompile()
+
+
+def _fold_zero_gamma_exactly(gm: fx.GraphModule) -> None:
+    """A fused conv-bn whose BatchNorm has a zero gamma (zero-init residual recipes, pruning) gets
+    torch.ao's exact folding. Its default QAT forward divides the conv output by gamma / std
+    (``_ConvBnNd._forward_approximate``): 0 / 0 = NaN in those channels, where the folded weight is
+    exactly zero and the INT8 model computes the BatchNorm's bias. torch.ao's slower path
+    (``_forward_slow``, switched on by a private flag in torch 2.13) folds without dividing."""
+    for module in gm.modules():
+        bn = getattr(module, "bn", None)
+        if hasattr(module, "_enable_slow_path_for_better_numerical_stability") and bn is not None \
+                and bn.weight is not None and bool((bn.weight == 0).any()):
+            module._enable_slow_path_for_better_numerical_stability = True
 
 
 def _non_float_nodes(gm: fx.GraphModule, example_inputs: tuple) -> set[str]:

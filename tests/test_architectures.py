@@ -30,7 +30,7 @@ def test_small_vit_with_linear_attention(act_bits):
     for block in range(2):
         for proj in ("q", "k", "v", "out"):
             assert any(s.startswith(f"blocks.{block}.attn.{proj}") for s in names), (block, proj, names)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
     assert parity.top1_agreement >= 0.99
     assert selection.trainable_params < selection.total_params
 
@@ -45,7 +45,7 @@ def test_residual_cnn_depthwise_concat_and_head():
     assert types["fc"] == "Linear"
     code = int8.code
     assert "torch.cat" in code and "quantized.add" in code  # the add and concat stay in INT8
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 @pytest.mark.parametrize("engine", ["x86", "fbgemm", "qnnpack"])
@@ -55,4 +55,4 @@ def test_engines(engine):
     x = torch.randn(32, 1, 8, 8)
     qat, _, _, int8, parity = _pipeline(model, x, fq.QuantConfig(weight_bits=6, engine=engine))
     assert meta.graph_info(qat).config.engine == engine
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()

@@ -1,6 +1,8 @@
 """Models users actually hand over: modules called twice, in-place ops, integer/bool inputs and
 outputs, unused parameters. Each is handled (with INT8 parity) or refused clearly."""
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -25,7 +27,7 @@ def test_module_called_twice_gets_one_scale_per_call_and_tied_weights():
     torch.manual_seed(0)
     qat, report, _, int8, parity = _run(Twice().eval(), (torch.randn(16, 4),))
     assert [r.name for r in report] == ["l", "l_call1", "h"]
-    assert parity.ok and parity.output_max_abs == 0.0, parity.table()
+    assert parity.ok and parity.coverage == 1.0 and parity.output_max_abs == 0.0, parity.table()
     assert qat.get_submodule("l_call1").weight is qat.get_submodule("l").weight
 
 
@@ -58,7 +60,7 @@ def test_in_place_ops():
     model = InPlace().eval()
     x = torch.randn(16, 4)
     qat, _, _, int8, parity = _run(model, (x,))
-    assert parity.ok and parity.output_max_abs == 0.0
+    assert parity.ok and parity.coverage == 1.0 and parity.output_max_abs == 0.0
     assert (int8(x) - model(x)).abs().max() < 0.05  # and it still computes the model
 
 
@@ -81,7 +83,7 @@ def test_integer_and_bool_inputs_and_outputs():
     out, mask_out = int8(idx, mask)
     assert mask_out.dtype == torch.bool and torch.equal(mask_out, mask)
     assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
-    assert parity.ok
+    assert parity.ok and parity.coverage == 1.0
 
 
 class Unused(nn.Module):
@@ -98,4 +100,45 @@ def test_unused_parameters_are_not_carried():
     qat, report, selection, _, parity = _run(Unused().eval(), (torch.randn(4, 4),))
     assert [r.name for r in report] == ["used"]
     assert selection.total_params == 4 * 2 + 2
-    assert parity.ok
+    assert parity.ok and parity.coverage == 1.0
+
+
+class ZeroGamma(nn.Module):
+    """Zero-init-residual style: the last BatchNorm of a block starts with gamma = 0 in one channel,
+    and a pruned conv has an all-zero output channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.bn.weight[1] = 0.0
+            self.head.weight[0] = 0.0
+
+    def forward(self, x):
+        return self.head(self.relu(self.bn(self.conv(x))))
+
+
+def test_zero_gamma_and_zero_channels_quantize_exactly():
+    torch.manual_seed(0)
+    model = ZeroGamma().eval()
+    batches = [(torch.randn(4, 3, 8, 8),) for _ in range(2)]
+    qat = fq.prepare(model, batches[0])
+    fq.calibrate(qat, batches)  # torch.ao's default conv-bn folding divides by gamma: NaN here
+    report = fq.measure_error(qat, batches)
+    assert all(math.isfinite(r.isolated.mse) and math.isfinite(r.propagated.mse) for r in report.rows)
+    with torch.no_grad():
+        out = qat(batches[0][0])
+        expected = model(batches[0][0])
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, 0], torch.full_like(out[:, 0], float(out[0, 0, 0, 0])))  # bias only
+    assert (out - expected).abs().max() < 0.1
+    qat.train()
+    qat(batches[0][0]).sum().backward()  # the QAT forward in train mode is finite too
+    assert all(torch.isfinite(p.grad).all() for p in qat.parameters() if p.grad is not None)
+    qat.eval()
+    int8 = fq.lower(qat)
+    parity = fq.check_parity(qat, int8, batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()

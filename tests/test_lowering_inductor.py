@@ -7,10 +7,15 @@ import torch
 from hypothesis import given, settings
 
 import fxptqat as fq
+from fxptqat.lowering import exact_u8s8_kernels
 from fxptqat.lowering_inductor import InductorModule
 from fxptqat.testing import traceable_models, weight_bits
 
 from conftest import same_state, state_of
+
+# Without AVX-512 VNNI oneDNN saturates 8-bit weights on full-range activations and lower() refuses
+# them (test_refuses_saturating_weights_without_vnni); 7-bit weights run exactly everywhere.
+WB = 8 if exact_u8s8_kernels() else 7
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +24,7 @@ def lowered_small_net():
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 1, 6, 6, generator=g),) for _ in range(3)]
-    qat = fq.prepare(make_small_net(), batches[0])
+    qat = fq.prepare(make_small_net(), batches[0], config=fq.QuantConfig(weight_bits=WB))
     fq.calibrate(qat, batches)
     before = state_of(qat)
     freezing = torch._inductor.config.freezing
@@ -33,7 +38,7 @@ def test_matches_fake_quant_node_by_node_and_at_the_output(lowered_small_net):
     qat, lowered, batches = lowered_small_net
     assert isinstance(lowered, InductorModule)
     parity = fq.check_parity(qat, lowered, batches)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
     assert parity.top1_agreement == 1.0
     assert parity.output_max_abs <= 3 * _out_step(qat) + 1e-6  # one-step ties add up over a few layers
 
@@ -78,17 +83,17 @@ def test_weighted_recipe_linear_relu_add_compiles():
     own graph of it fails too): drop_output_quantizers keeps that output quantized."""
     torch.manual_seed(0)
     batches = [(torch.randn(4, 16),), (torch.randn(4, 16),)]
-    qat = fq.prepare(_LinearReLUAdd().eval(), batches[0], config=fq.QuantConfig(quantized_ops="weighted"))
+    qat = fq.prepare(_LinearReLUAdd().eval(), batches[0], config=fq.QuantConfig(weight_bits=WB, quantized_ops="weighted"))
     fq.calibrate(qat, batches)
     assert fq.meta.node_info(next(n for n, _ in fq.meta.quantized_nodes(qat))).output_quantizer is not None
     torch._dynamo.reset()
     lowered = fq.lower(qat, runtime="inductor", example_inputs=batches[0])
     parity = fq.check_parity(qat, lowered, batches)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 @settings(max_examples=5, deadline=None)
-@given(traceable_models(max_layers=4), weight_bits())
+@given(traceable_models(max_layers=4), weight_bits().map(lambda b: min(b, WB)))
 def test_property_weighted_recipe_compiles_and_matches_fake_quant(pair, wb):
     """The weighted recipe is meant for this runtime: every drawn model compiles and keeps parity."""
     model, (x,) = pair
@@ -98,4 +103,24 @@ def test_property_weighted_recipe_compiles_and_matches_fake_quant(pair, wb):
     torch._dynamo.reset()
     lowered = fq.lower(qat, runtime="inductor", example_inputs=(x,))
     parity = fq.check_parity(qat, lowered, batches)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+def test_refuses_saturating_weights_without_vnni():
+    from conftest import make_small_net
+
+    batches = [(torch.randn(8, 1, 6, 6),)]
+    qat = fq.prepare(make_small_net(), batches[0], config=fq.QuantConfig(weight_bits=8))
+    fq.calibrate(qat, batches)
+    if exact_u8s8_kernels():
+        lowered = fq.lower(qat, runtime="inductor", example_inputs=batches[0])
+        parity = fq.check_parity(qat, lowered, batches)
+        assert parity.ok and parity.coverage == 1.0 and parity.coverage == 1.0, parity.table()
+        return
+    with pytest.raises(fq.LoweringError, match=r"no AVX-512 VNNI.*reduce_range=True or weight_bits<=7"):
+        fq.lower(qat, runtime="inductor", example_inputs=batches[0])
+    reduced = fq.prepare(make_small_net(), batches[0], config=fq.QuantConfig(weight_bits=8, reduce_range=True))
+    fq.calibrate(reduced, batches)
+    lowered = fq.lower(reduced, runtime="inductor", example_inputs=batches[0])
+    parity = fq.check_parity(reduced, lowered, batches)
+    assert parity.ok and parity.coverage == 1.0 and parity.coverage == 1.0, parity.table()

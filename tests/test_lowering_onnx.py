@@ -39,7 +39,7 @@ def test_matches_fake_quant_node_by_node_and_at_the_output(small_net, small_batc
     assert isinstance(lowered, OnnxRuntimeModule)
     assert same_state(qat, before)  # lowering copies
     parity = fq.check_parity(qat, lowered, small_batches)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
     assert {r.name for r in parity.rows} == {n.name for n, _ in fq.meta.quantized_nodes(qat)}
     (x,) = small_batches[0]
     with torch.no_grad():
@@ -70,7 +70,8 @@ def test_weights_are_stored_as_restricted_int8():
     weights = [numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) >= 2]
     assert len(weights) == 3 and all(w.dtype.name == "int8" for w in weights)
     assert all(int(abs(w).max()) <= 7 for w in weights)  # clamped to what fake-quant simulated
-    assert fq.check_parity(qat, lowered, batches).ok
+    parity = fq.check_parity(qat, lowered, batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
     fp32 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert lowered.size_bytes < 0.3 * fp32
 
@@ -112,7 +113,8 @@ def test_calls_go_straight_to_the_session_and_hooks_are_refused(small_net, small
 def test_weight_only_graph(small_net, small_batches):
     qat = _calibrated(small_net, small_batches, act_bits=None)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=small_batches[0])
-    assert fq.check_parity(qat, lowered, small_batches).ok
+    parity = fq.check_parity(qat, lowered, small_batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 @pytest.mark.parametrize(
@@ -162,4 +164,4 @@ def test_property_onnxruntime_matches_fake_quant(pair, wb, ops):
     qat = _calibrated(model, batches, weight_bits=wb, quantized_ops=ops)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=inputs, threads=1)
     parity = fq.check_parity(qat, lowered, batches)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()

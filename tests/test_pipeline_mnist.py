@@ -67,7 +67,7 @@ def test_int8_agrees_with_fake_quant(mnist, w4):
     _, _, x_test, y_test = mnist
     parity = fq.check_parity(w4["qat"], w4["int8"], [(x_test,)])
     assert parity.top1_agreement >= 0.99
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
     assert abs(accuracy(w4["int8"], x_test, y_test) - accuracy(w4["qat"], x_test, y_test)) <= 0.01
 
 

@@ -29,7 +29,7 @@ from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
-from fxptqat.passes.pack_with_onednn import onednn_available, pack_with_onednn
+from fxptqat.passes.pack_with_engine import engine_available, pack_with_engine
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
 from conftest import TwoCats
@@ -235,16 +235,17 @@ def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
     code = int8.code
     assert drop_noop_clamps(int8).modified is False and int8.code == code
 
-    # repacking for oneDNN: same graph, same integer weights, honest `modified`, then a no-op
-    if onednn_available():
+    # repacking for another engine: same graph, same integer weights, honest `modified`, then a no-op
+    engine = data.draw(st.sampled_from(("onednn", "qnnpack")), label="engine")
+    if engine_available(engine):
         pin_all = data.draw(st.booleans(), label="pin every conv/linear")
-        first = pack_with_onednn(int8, select=lambda m: pin_all)
+        first = pack_with_engine(int8, engine=engine, select=lambda m: pin_all)
         assert first.graph_module is int8 and first.modified is (pin_all and bool(ints))
         int8.graph.lint()
         assert int8.code == code
         assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
-        assert pack_with_onednn(int8, select=lambda m: True).modified is (not pin_all and bool(ints))
-        assert pack_with_onednn(int8, select=lambda m: True).modified is False
+        assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is (not pin_all and bool(ints))
+        assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is False
 
 
 # -- 2. fake-quant off == float ----------------------------------------------------------------------
@@ -355,7 +356,7 @@ def test_lowered_int8_matches_fake_quant(ab, ops):
         else:
             int8 = fq.lower(qat)
         parity = fq.check_parity(qat, int8, batches)
-        assert parity.ok, f"first divergence {parity.first_divergence}\n{parity.table()}"
+        assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
         assert {r.name for r in parity.rows} <= _weighted_nodes(qat)
         for row in parity.rows:
             # tolerance derived from the output quantizer's step, not a hand-tuned constant
@@ -374,7 +375,7 @@ def test_lowered_int8_matches_fake_quant_when_one_value_feeds_two_cats():
     qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=8, act_bits=8))
     fq.calibrate(qat, [(x,)])
     parity = fq.check_parity(qat, fq.lower(qat), [(x,)])
-    assert parity.ok, f"first divergence {parity.first_divergence}\n{parity.table()}"
+    assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
 
 
 def _parity_after_finetune(pair, wb, ab):
@@ -386,7 +387,7 @@ def _parity_after_finetune(pair, wb, ab):
     _adam_step(qat, x, lr=0.5)  # pushes weights past the frozen scales: clamp_int_weights' job
     int8 = fq.lower(qat)
     parity = fq.check_parity(qat, int8, batches)
-    assert parity.ok, f"first divergence {parity.first_divergence}\n{parity.table()}"
+    assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
 
 
 @pytest.mark.parametrize("ab", [8, None], ids=["act8", "weight-only"])

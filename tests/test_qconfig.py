@@ -40,7 +40,7 @@ def test_weighted_recipe_quantizes_only_conv_and_linear_and_keeps_parity(build, 
         # the weighted recipe is for the reference-graph runtimes (lower(runtime="torch") refuses it)
         int8 = fq.lower(qat) if ops == "all" else fq.lower(qat, runtime="onnxruntime", example_inputs=data[0])
         parity = fq.check_parity(qat, int8, data)
-        assert parity.ok, parity.table()
+        assert parity.ok and parity.coverage == 1.0, parity.table()
         qats[ops] = qat
     weighted = qats["weighted"]
     for q in _activation_quantizers(weighted):

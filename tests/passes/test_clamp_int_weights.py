@@ -42,7 +42,8 @@ def test_clamp_restores_the_grid_and_parity():
     assert result.modified is True and result.graph_module is int8
     int8.graph.lint()
     assert int(_int_weights(int8, "0").abs().max()) == 7
-    assert fq.check_parity(qat, int8, data).ok
+    parity = fq.check_parity(qat, int8, data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 def test_second_run_and_in_range_models_are_no_ops():
@@ -64,4 +65,5 @@ def test_lower_applies_it():
     _push_weights_out_of_range(qat)
     int8 = fq.lower(qat)
     assert int(_int_weights(int8, "0").abs().max()) == 7
-    assert fq.check_parity(qat, int8, data).ok
+    parity = fq.check_parity(qat, int8, data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()

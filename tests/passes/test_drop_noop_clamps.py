@@ -47,7 +47,8 @@ def test_lower_applies_it_with_parity():
     qat = _calibrated()
     int8 = fq.lower(qat)
     assert not _relu6_nodes(int8)
-    assert fq.check_parity(qat, int8, _data()).ok
+    parity = fq.check_parity(qat, int8, _data())
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 def test_other_unused_submodules_are_kept():

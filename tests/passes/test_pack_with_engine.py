@@ -6,11 +6,23 @@ import torch.nn as nn
 
 import fxptqat as fq
 from fxptqat import meta
-from fxptqat.lowering import convert, quantized_engine, x86_routes_to_fbgemm
-from fxptqat.passes import pack_with_onednn as pass_module
-from fxptqat.passes.pack_with_onednn import onednn_available, pack_with_onednn, packed_with_onednn
+from fxptqat.lowering import convert, exact_u8s8_kernels, quantized_engine, x86_routes_to_fbgemm
+from fxptqat.passes import pack_with_engine as pass_module
+from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine, packed_with
 
-pytestmark = pytest.mark.skipif(not onednn_available(), reason="torch built without the onednn engine")
+pytestmark = pytest.mark.skipif(
+    not (engine_available("onednn") and engine_available("qnnpack")), reason="torch built without onednn/qnnpack"
+)
+# what lower() pins the depthwise conv to on this CPU (see passes/pack_with_engine.py)
+LOWERED_ENGINE = "onednn" if exact_u8s8_kernels() else "qnnpack"
+
+
+def pack_with_onednn(gm, *, select):
+    return pack_with_engine(gm, engine="onednn", select=select)
+
+
+def packed_with_onednn(module):
+    return packed_with(module) == "onednn"
 
 DEPTHWISE = "3"  # the 144-group conv of _model()
 
@@ -47,10 +59,13 @@ def test_only_the_wide_grouped_conv_is_routed_to_fbgemm():
 def test_lower_pins_the_depthwise_conv_and_keeps_parity():
     qat, data = _qat()
     int8 = fq.lower(qat)
-    assert packed_with_onednn(_module(int8, DEPTHWISE))
-    assert not packed_with_onednn(_module(int8, "0"))  # x86 already uses oneDNN there
+    assert packed_with(_module(int8, DEPTHWISE)) == LOWERED_ENGINE
+    if exact_u8s8_kernels():
+        assert packed_with(_module(int8, "0")) is None  # x86 already uses oneDNN there
+    else:  # every 8-bit conv/linear can saturate on full-range activations without VNNI
+        assert all(packed_with(m) == "qnnpack" for m in int8.modules() if may_saturate(m))
     parity = fq.check_parity(qat, int8, data)
-    assert parity.ok, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 def test_pass_is_honest_and_idempotent():
@@ -81,7 +96,7 @@ def test_pinning_survives_copy_and_state_dict_under_another_global_engine():
             reloaded.load_state_dict(int8.state_dict())
             # (torch.ao's quantized modules do not survive pickling in torch 2.13, pinned or not)
             for other in (_module(copied, DEPTHWISE), _module(reloaded, DEPTHWISE)):
-                assert packed_with_onednn(other)
+                assert packed_with(other) == LOWERED_ENGINE
                 assert torch.equal(other(q).int_repr(), expected)  # run with `engine` global too
 
 
@@ -91,10 +106,13 @@ def test_fixes_what_fbgemm_gets_wrong():
     config = meta.graph_info(qat).config
     with quantized_engine("x86"):
         plain = convert(qat, config)
+    if not exact_u8s8_kernels():
+        pytest.skip("without AVX-512 VNNI oneDNN saturates too: test_qnnpack_fixes_saturation_without_vnni")
     pinned = copy.deepcopy(plain)
     pack_with_onednn(pinned, select=x86_routes_to_fbgemm)
     plain_parity = fq.check_parity(qat, plain, data)
-    assert fq.check_parity(qat, pinned, data).ok
+    pinned_parity = fq.check_parity(qat, pinned, data)
+    assert pinned_parity.ok and pinned_parity.coverage == 1.0
     if plain_parity.ok:
         pytest.skip("this CPU's fbgemm depthwise kernel does not saturate on these inputs")
     assert plain_parity.first_divergence == next(n.name for n in plain.graph.nodes if n.target == DEPTHWISE)
@@ -103,6 +121,39 @@ def test_fixes_what_fbgemm_gets_wrong():
 def test_missing_engine_is_a_clear_error(monkeypatch):
     qat, _ = _qat()
     int8 = convert(qat, meta.graph_info(qat).config)
-    monkeypatch.setattr(pass_module, "onednn_available", lambda: False)
+    monkeypatch.setattr(pass_module, "engine_available", lambda engine: False)
     with pytest.raises(RuntimeError, match="onednn"):
         pack_with_onednn(int8, select=x86_routes_to_fbgemm)
+    with pytest.raises(ValueError, match="fbgemm"):
+        pack_with_engine(int8, engine="fbgemm", select=x86_routes_to_fbgemm)
+
+
+def test_may_saturate_follows_the_int16_bound():
+    qat, _ = _qat()
+    int8 = convert(qat, meta.graph_info(qat).config)
+    conv = _module(int8, "0")
+    assert int(conv.weight().int_repr().abs().max()) == 127  # symmetric 8-bit weights use the full range
+    assert may_saturate(conv)  # 2 * 255 * 127 > 32767
+    assert not may_saturate(conv, act_codes=127)  # reduce_range: 2 * 127 * 127 <= 32767
+    assert not may_saturate(nn.ReLU())
+    qat4 = fq.prepare(_model(), (torch.randn(2, 3, 12, 12),), config=fq.QuantConfig(weight_bits=4))
+    fq.calibrate(qat4, [(torch.randn(4, 3, 12, 12),)])
+    assert not any(may_saturate(m) for m in convert(qat4, meta.graph_info(qat4).config).modules())
+
+
+def test_qnnpack_fixes_saturation_without_vnni():
+    """The pitfall, measured on this CPU: with 8-bit weights fbgemm/x86 saturate unless the CPU has
+    AVX-512 VNNI; qnnpack accumulates exactly everywhere."""
+    qat, data = _qat()
+    with quantized_engine("x86"):
+        plain = convert(qat, meta.graph_info(qat).config)
+    pinned = copy.deepcopy(plain)
+    assert pack_with_engine(pinned, engine="qnnpack", select=may_saturate).modified
+    pinned_parity = fq.check_parity(qat, pinned, data)
+    assert pinned_parity.ok and pinned_parity.coverage == 1.0, pinned_parity.table()
+    plain_parity = fq.check_parity(qat, plain, data)
+    if exact_u8s8_kernels():
+        assert plain_parity.first_divergence in (None, next(n.name for n in plain.graph.nodes if n.target == DEPTHWISE))
+    else:
+        assert not plain_parity.ok, "fbgemm without VNNI should saturate on these full-range inputs"
+
