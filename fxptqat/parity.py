@@ -28,6 +28,7 @@ from torch.fx.node import map_arg
 
 from . import meta
 from .inputs import iter_batches
+from .graph_match import match_nodes
 from .interpreter import CheckedInterpreter, is_quantizer
 
 __all__ = ["ParityRow", "ParityReport", "compare"]
@@ -61,6 +62,7 @@ class _Int8Run(CheckedInterpreter):
         super().__init__(gm, check_finite=False, what="check_parity (INT8)")
         self.inputs = inputs
         self.qat, self.ops = qat, ops
+        self.lowered_name = {node.name: name for name, node in ops.items()}  # fake-quant -> lowered
         self.by_name: dict[str, torch.Tensor] = {}
         self.propagated: dict[str, torch.Tensor] = {}
         self.isolated: dict[str, torch.Tensor] = {}
@@ -85,7 +87,7 @@ class _Int8Run(CheckedInterpreter):
                 grid = self._output_quantizer(node)
                 if grid is not None and not value.is_quantized:
                     lowered = grid(lowered)  # a float op whose next Q/DQ pair holds this grid
-                self.local[n.name] = (local, lowered)
+                self.local[node.name] = (local, lowered)
         return value
 
     def _output_quantizer(self, node: fx.Node):
@@ -99,9 +101,10 @@ class _Int8Run(CheckedInterpreter):
         if _is_quantizer_node(self.qat, node):
             source = self._value(node.args[0]) if isinstance(node.args[0], fx.Node) else None
             return None if source is None else self.qat.get_submodule(node.target)(source)
-        if node.name not in self.by_name:
+        name = self.lowered_name.get(node.name, node.name)
+        if name not in self.by_name:
             raise KeyError(node.name)
-        value = self.by_name[node.name]
+        value = self.by_name[name]
         if isinstance(value, torch.Tensor):
             return value.dequantize() if value.is_quantized else value.clone()  # in-place ops
         return value
@@ -111,12 +114,15 @@ class _Int8Run(CheckedInterpreter):
             args, kwargs = map_arg((node.args, node.kwargs), self._value)
         except KeyError:
             return None  # an input the lowering removed or renamed
-        if node.op == "call_module":
-            out = self.qat.get_submodule(node.target)(*args, **kwargs)
-        elif node.op == "call_function":
-            out = node.target(*args, **kwargs)
-        else:
-            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        try:
+            if node.op == "call_module":
+                out = self.qat.get_submodule(node.target)(*args, **kwargs)
+            elif node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            else:
+                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception:  # noqa: BLE001 - the lowered inputs do not fit this op: not compared
+            return None
         grid = self._output_quantizer(node)
         if grid is not None:
             out = grid(out)
@@ -272,9 +278,8 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
         fan_in[node.name] = _fan_in(qat.get_submodule(node.target))
         out_q = next((u for u in node.users if u.name == info.output_quantizer), None)
         points[node.name] = (node.args[0].name, info.output_quantizer or node.name, _step(qat, out_q))
-    ops = {n.name: n for n in qat.graph.nodes if n.op in ("call_module", "call_function", "call_method")
-           and n.name in int8_nodes and n.name not in points and meta.node_info(n) is None
-           and not _is_quantizer_node(qat, n)}
+    ops = {name: n for name, n in match_nodes(qat, int8).items()  # lowered name -> fake-quant op
+           if n.name not in points and meta.node_info(n) is None}
     acc = {name: [0.0, 0.0, 0, 0, 0.0] for name in points}  # iso, prop, off, count, magnitude
     op_acc: dict[str, list[float]] = {}  # op -> [local max |diff|, magnitude]
     out_max, out_sum, ref_sum, out_count, agree, samples = 0.0, 0.0, 0.0, 0, 0, 0
@@ -323,8 +328,10 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
         tol = tolerance_lsb * scale * (1 + 1e-3) if scale else relative * magnitude + 1e-6
         rows.append(ParityRow(name, scale, tol, iso, prop, off / max(count, 1)))
     op_rows = []
+    fake_ops = {n.name: n for n in ops.values()}
     for name, (local, magnitude) in op_acc.items():
-        step = _step(qat, next(iter(ops[name].users))) if len(ops[name].users) == 1 else None
+        users = list(fake_ops[name].users)
+        step = _step(qat, users[0]) if len(users) == 1 else None
         tol = tolerance_lsb * step * (1 + 1e-3) if step else 1e-5 * magnitude + 1e-6  # float ops: same math
         op_rows.append(ParityRow(name, step, tol, local, 0.0, 0.0))
     order = {n.name: i for i, n in enumerate(qat.graph.nodes)}
