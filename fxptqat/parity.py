@@ -27,8 +27,8 @@ from tabulate import tabulate
 from torch.fx.node import map_arg
 
 from . import meta
-from .inputs import iter_batches
 from .graph_match import match_nodes
+from .inputs import iter_batches
 from .interpreter import CheckedInterpreter, is_quantizer
 
 __all__ = ["ParityRow", "ParityReport", "compare"]
