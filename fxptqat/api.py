@@ -317,7 +317,7 @@ def _refuse_saturating_kernels(config: QuantConfig) -> None:
 def _pin_exact_kernels(int8: fx.GraphModule, config: QuantConfig) -> None:
     """Move modules off kernels that would not compute what fake-quant simulated
     (``passes/pack_with_engine.py`` says which and why)."""
-    if config.engine not in ("x86", "fbgemm"):
+    if config.engine not in ("x86", "fbgemm") or config.act_bits is None:  # weight-only: float kernels
         return
     if not exact_u8s8_kernels():
         codes = config.act_qrange[1]
