@@ -69,6 +69,9 @@ class _Int8Run(CheckedInterpreter):
         self.local: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # op -> (fake-quant, lowered)
 
     def run_node(self, n: fx.Node):
+        # the fake-quant op runs first: an in-place lowered op (Hardswish(inplace=True)) would
+        # otherwise hand it its own output as input
+        local = self._fake_quant_op(self.ops[n.name]) if n.name in self.ops else None
         value = super().run_node(n)
         self.by_name[n.name] = value
         if n.name in self.inputs and n.op == "call_module":
@@ -79,22 +82,18 @@ class _Int8Run(CheckedInterpreter):
             alone = self.fetch_attr(n.target)(x, *[self.env[a] for a in n.args[1:]])
             self.isolated[n.name] = alone.dequantize() if alone.is_quantized else alone
             self.propagated[n.name] = value.dequantize() if value.is_quantized else value.clone()
-        elif n.name in self.ops and isinstance(value, torch.Tensor):
+        elif local is not None and isinstance(value, torch.Tensor):
             node = self.ops[n.name]
-            local = self._fake_quant_op(node)
-            if local is not None:
-                lowered = value.dequantize() if value.is_quantized else value.clone()
-                grid = self._output_quantizer(node)
-                if grid is not None and not value.is_quantized:
-                    lowered = grid(lowered)  # a float op whose next Q/DQ pair holds this grid
-                self.local[node.name] = (local, lowered)
+            lowered = value.dequantize() if value.is_quantized else value.clone()
+            grid = self._output_quantizer(node)
+            if grid is not None and not value.is_quantized:
+                lowered = grid(lowered)  # a float op whose next Q/DQ pair holds this grid
+            self.local[node.name] = (local, lowered)
         return value
 
     def _output_quantizer(self, node: fx.Node):
-        users = list(node.users)
-        if len(users) == 1 and _is_quantizer_node(self.qat, users[0]):
-            return self.qat.get_submodule(users[0].target)
-        return None
+        quantizer = _output_quantizer_node(self.qat, node)
+        return None if quantizer is None else self.qat.get_submodule(quantizer.target)
 
     def _value(self, node: fx.Node):
         """The lowered graph's value of fake-quant node ``node`` as fake-quant would see it."""
@@ -127,6 +126,12 @@ class _Int8Run(CheckedInterpreter):
         if grid is not None:
             out = grid(out)
         return out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
+
+
+def _output_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The one quantizer that reads ``node`` (other readers, e.g. a ``.shape`` lookup, may exist)."""
+    quantizers = [u for u in node.users if _is_quantizer_node(gm, u)]
+    return quantizers[0] if len(quantizers) == 1 else None
 
 
 def _is_quantizer_node(gm: fx.GraphModule, node) -> bool:
@@ -228,6 +233,18 @@ class ParityReport:
                 f"{len(self.ops)} other ops compared")
 
 
+def _bn_shift(module) -> float:
+    """Largest ``|mean * gamma / std| + |beta|`` of a fused conv-bn's BatchNorm, else 0: torch.ao's QAT
+    conv-bn divides the conv output by ``gamma / std`` and lets the BatchNorm subtract the mean
+    again, terms a folded (lowered) conv never forms, so their rounding adds to the float bound."""
+    bn = getattr(module, "bn", None)
+    if bn is None or bn.running_mean is None or bn.weight is None:
+        return 0.0
+    with torch.no_grad():
+        shift = (bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs() + bn.bias.abs()
+    return float(shift.max())
+
+
 def _fan_in(module) -> int:
     outputs = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or 1
     return max(1, module.weight.numel() // outputs)
@@ -266,6 +283,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     int8_nodes = {n.name: n for n in int8.graph.nodes}
     points = {}  # weighted node -> (its input node, node compared, output step)
     fan_in = {}  # weighted node -> products summed per output element
+    shift = {}  # weighted node -> BatchNorm shift its QAT form computes and removes (_bn_shift)
     not_compared = []
     for node, info in meta.quantized_nodes(qat):
         lowered = int8_nodes.get(node.name)
@@ -276,6 +294,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             not_compared.append((node.name, "its input is not a graph value"))
             continue
         fan_in[node.name] = _fan_in(qat.get_submodule(node.target))
+        shift[node.name] = _bn_shift(qat.get_submodule(node.target))
         out_q = next((u for u in node.users if u.name == info.output_quantizer), None)
         points[node.name] = (node.args[0].name, info.output_quantizer or node.name, _step(qat, out_q))
     ops = {name: n for name, n in match_nodes(qat, int8).items()  # lowered name -> fake-quant op
@@ -325,13 +344,12 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             not_compared.append((name, "no batch was given"))
             continue
         relative = max(1e-4, fan_in[name] * torch.finfo(torch.float32).eps)
-        tol = tolerance_lsb * scale * (1 + 1e-3) if scale else relative * magnitude + 1e-6
+        tol = tolerance_lsb * scale * (1 + 1e-3) if scale else relative * (magnitude + shift[name]) + 1e-6
         rows.append(ParityRow(name, scale, tol, iso, prop, off / max(count, 1)))
     op_rows = []
     fake_ops = {n.name: n for n in ops.values()}
     for name, (local, magnitude) in op_acc.items():
-        users = list(fake_ops[name].users)
-        step = _step(qat, users[0]) if len(users) == 1 else None
+        step = _step(qat, _output_quantizer_node(qat, fake_ops[name]))
         tol = tolerance_lsb * step * (1 + 1e-3) if step else 1e-5 * magnitude + 1e-6  # float ops: same math
         op_rows.append(ParityRow(name, step, tol, local, 0.0, 0.0))
     order = {n.name: i for i, n in enumerate(qat.graph.nodes)}
