@@ -18,6 +18,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
+from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
@@ -82,6 +83,7 @@ def prepare(
     gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
+    fold_parameter_metadata(gm)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
     if config.weighted_only:

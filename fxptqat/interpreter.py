@@ -16,7 +16,7 @@ from torch.ao.quantization.observer import ObserverBase
 from torch.fx.node import map_arg
 
 from . import meta
-from .errors import CalibrationError, InputError
+from .errors import CalibrationError, FxptqatError, InputError
 from .fake_quantize import FakeQuantize
 from .stats import RunningError
 
@@ -64,21 +64,22 @@ def is_quantizer(module) -> bool:
 class CheckedInterpreter(fx.Interpreter):
     """Runs a graph; failures name the node; optionally rejects non-finite values."""
 
-    def __init__(self, gm: fx.GraphModule, *, check_finite: bool = True, what: str = "run"):
+    _INPUT_HINT = "Check that the inputs have the shapes and dtypes of the example inputs given to prepare()."
+
+    def __init__(self, gm: fx.GraphModule, *, check_finite: bool = True, what: str = "run",
+                 error: type[FxptqatError] = InputError, hint: str = _INPUT_HINT):
         super().__init__(gm)
         self.check_finite = check_finite
         self.what = what
+        self.error, self.hint = error, hint
 
     def run_node(self, n: fx.Node):
         try:
             value = super().run_node(n)
-        except (CalibrationError, InputError):
+        except FxptqatError:
             raise
         except Exception as e:
-            raise InputError(
-                f"{self.what}: {_where(n)} failed: {type(e).__name__}: {e}. Check that the inputs have "
-                "the shapes and dtypes of the example inputs given to prepare()."
-            ) from e
+            raise self.error(f"{self.what}: {_where(n)} failed: {type(e).__name__}: {e}. {self.hint}") from e
         if self.check_finite:
             _check_finite(n, value, self.what)
         return value

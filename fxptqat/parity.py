@@ -27,6 +27,7 @@ from tabulate import tabulate
 from torch.fx.node import map_arg
 
 from . import meta
+from .errors import LoweringError
 from .graph_match import match_nodes
 from .inputs import iter_batches
 from .interpreter import CheckedInterpreter, is_quantizer
@@ -59,7 +60,10 @@ class _Int8Run(CheckedInterpreter):
     other op with a fake-quant counterpart runs the fake-quant op on the INT8 graph's own inputs."""
 
     def __init__(self, gm: fx.GraphModule, inputs: dict[str, torch.Tensor], qat: fx.GraphModule, ops: dict):
-        super().__init__(gm, check_finite=False, what="check_parity (INT8)")
+        super().__init__(
+            gm, check_finite=False, what="check_parity (lowered model)", error=LoweringError,
+            hint="The fake-quant graph ran these inputs, so the lowered model cannot: a kernel or lowering "
+                 "failure (see the error), not a problem with the inputs.")
         self.inputs = inputs
         self.qat, self.ops = qat, ops
         self.lowered_name = {node.name: name for name, node in ops.items()}  # fake-quant -> lowered
