@@ -18,6 +18,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
+from fxptqat.passes.float_scalar_ops import float_scalar_ops
 from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
@@ -31,6 +32,7 @@ from .config import QuantConfig, check_finite
 from .errors import CalibrationError, ConfigError, InputError, LoweringError, SelectionError, StageError
 from .fake_quantize import FakeQuantize
 from .finetune import finetune
+from .graph_match import match_nodes, output_quantizer
 from .inputs import as_args, iter_batches
 from .interpreter import CheckedInterpreter, ErrorRecorder
 from .lowering import convert, exact_u8s8_kernels, quantized_engine, reference, x86_routes_to_fbgemm
@@ -297,9 +299,22 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
     with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
         clamp_int_weights(int8, qmin=qmin, qmax=qmax)
     _pin_exact_kernels(int8, config)
+    float_scalar_ops(int8, grids=_output_grids(qat, int8))
     replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
     drop_noop_clamps(int8)
     return int8
+
+
+def _output_grids(qat: fx.GraphModule, int8: fx.GraphModule) -> dict[str, tuple[float, int]]:
+    """Lowered op name -> (scale, zero point) of the fake-quant quantizer after the op it computes."""
+    grids = {}
+    for name, node in match_nodes(qat, int8).items():
+        quantizer = output_quantizer(qat, node)
+        if quantizer is not None:
+            module = qat.get_submodule(quantizer.target)
+            if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
+                grids[name] = (float(module.scale), int(module.zero_point))
+    return grids
 
 
 def _refuse_saturating_kernels(config: QuantConfig) -> None:

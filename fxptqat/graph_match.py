@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .interpreter import is_quantizer
 
-__all__ = ["match_nodes"]
+__all__ = ["match_nodes", "output_quantizer"]
 
 _COMPUTE = ("call_module", "call_function", "call_method")
 _QDQ_METHODS = ("dequantize",)
@@ -73,3 +73,9 @@ def match_nodes(qat: fx.GraphModule, lowered: fx.GraphModule) -> dict[str, fx.No
             matched[node.name] = candidates[0]
             taken.add(candidates[0].name)
     return matched
+
+
+def output_quantizer(qat: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The one quantizer node that reads ``node`` (other readers, e.g. a ``.shape`` lookup, may exist)."""
+    quantizers = [u for u in node.users if u.op == "call_module" and is_quantizer(qat.get_submodule(u.target))]
+    return quantizers[0] if len(quantizers) == 1 else None

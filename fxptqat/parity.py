@@ -28,7 +28,7 @@ from torch.fx.node import map_arg
 
 from . import meta
 from .errors import LoweringError
-from .graph_match import match_nodes
+from .graph_match import match_nodes, output_quantizer
 from .inputs import iter_batches
 from .interpreter import CheckedInterpreter, is_quantizer
 
@@ -96,7 +96,7 @@ class _Int8Run(CheckedInterpreter):
         return value
 
     def _output_quantizer(self, node: fx.Node):
-        quantizer = _output_quantizer_node(self.qat, node)
+        quantizer = output_quantizer(self.qat, node)
         return None if quantizer is None else self.qat.get_submodule(quantizer.target)
 
     def _value(self, node: fx.Node):
@@ -130,12 +130,6 @@ class _Int8Run(CheckedInterpreter):
         if grid is not None:
             out = grid(out)
         return out if isinstance(out, torch.Tensor) and out.is_floating_point() else None
-
-
-def _output_quantizer_node(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The one quantizer that reads ``node`` (other readers, e.g. a ``.shape`` lookup, may exist)."""
-    quantizers = [u for u in node.users if _is_quantizer_node(gm, u)]
-    return quantizers[0] if len(quantizers) == 1 else None
 
 
 def _is_quantizer_node(gm: fx.GraphModule, node) -> bool:
@@ -353,7 +347,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     op_rows = []
     fake_ops = {n.name: n for n in ops.values()}
     for name, (local, magnitude) in op_acc.items():
-        step = _step(qat, _output_quantizer_node(qat, fake_ops[name]))
+        step = _step(qat, output_quantizer(qat, fake_ops[name]))
         tol = tolerance_lsb * step * (1 + 1e-3) if step else 1e-5 * magnitude + 1e-6  # float ops: same math
         op_rows.append(ParityRow(name, step, tol, local, 0.0, 0.0))
     order = {n.name: i for i, n in enumerate(qat.graph.nodes)}
