@@ -257,21 +257,21 @@ def _step(qat: fx.GraphModule, node) -> float | None:
         qat.get_submodule(node.target), "frozen", False) else None
 
 
-def _float_output_step(qat: fx.GraphModule, made) -> float:
-    """For a float output made by weighted node N whose input is quantized (possibly followed by
-    pooling, flatten or reshape): one input step pushed through N's weights in the worst direction
-    (``step_in * max_row ||W||_1``), the float image of a one-step tie; 0 when there is no such N."""
-    while (isinstance(made, fx.Node) and meta.node_info(made) is None and made.op != "placeholder"
-           and made.args and isinstance(made.args[0], fx.Node)):
-        made = made.args[0]  # pooling, flatten, reshape after the last layer: they do not amplify
-    if not isinstance(made, fx.Node) or meta.node_info(made) is None or not isinstance(made.args[0], fx.Node):
+def _float_output_step(qat: fx.GraphModule, made, depth: int = 8) -> float:
+    """For a float output: the float image of a one-step tie upstream. At a weighted node N whose
+    input is quantized, one input step pushed through N's weights in the worst direction
+    (``step_in * max_row ||W||_1``); through the float ops after the last layers (pooling, flatten,
+    cat, add, activations) the bounds of their inputs add up; 0 where no quantized input is found."""
+    if not isinstance(made, fx.Node) or made.op in ("placeholder", "get_attr") or depth == 0:
         return 0.0
-    step_in = _step(qat, made.args[0])
-    if step_in is None:
-        return 0.0
-    module = qat.get_submodule(made.target)
-    weight = module.weight_fake_quant(module.weight.detach())
-    return step_in * float(weight.abs().reshape(weight.shape[0], -1).sum(1).max())
+    if meta.node_info(made) is not None:
+        step_in = _step(qat, made.args[0]) if made.args and isinstance(made.args[0], fx.Node) else None
+        if step_in is None:
+            return 0.0
+        module = qat.get_submodule(made.target)
+        weight = module.weight_fake_quant(module.weight.detach())
+        return step_in * float(weight.abs().reshape(weight.shape[0], -1).sum(1).max())
+    return sum(_float_output_step(qat, n, depth - 1) for n in made.all_input_nodes)
 
 
 def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb: float, run=None) -> ParityReport:

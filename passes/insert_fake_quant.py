@@ -15,6 +15,7 @@ import warnings
 import torch
 import torch.fx as fx
 from torch.ao.quantization import FakeQuantizeBase
+from torch.ao.quantization.backend_config import ObservationType
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.fx.utils import assert_and_get_unique_device
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
@@ -64,6 +65,7 @@ def insert_fake_quant(
     _fold_zero_gamma_exactly(gm)
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)
+    _share_output_quantizers(gm, config)
     _requantize_cat_inputs(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
@@ -129,6 +131,43 @@ def _drop_non_float_quantizers(gm: fx.GraphModule, non_float: set[str]) -> None:
             changed = True
     if changed:
         gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+
+
+def _share_output_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """An op that torch.ao lowers on its input's grid (ReLU, pooling, reshape...: the backend's
+    OUTPUT_SHARE_OBSERVER_WITH_INPUT ops) quantizes its output with its input's quantizer.
+
+    prepare_qat_fx gives such an op its input's observer, except when that input also joins a
+    cat's shared group: the op then keeps an observer of its own, which fake-quant applies but
+    convert_fx drops (the INT8 op keeps its input's scale): a ReLU after a linear feeding a cat was
+    lowered 70 steps away from fake-quant once fine-tuning moved values past the ReLU's own range.
+    """
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    shared = set()
+    for pattern in backend_config(config).configs:
+        if pattern.observation_type == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT:
+            shared.add(pattern.pattern)
+    shared -= {torch.cat, torch.stack}  # several inputs: _requantize_cat_inputs puts them on one grid
+
+    def is_quantizer(node) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(
+            modules.get(node.target), FakeQuantizeBase)
+
+    changed = False
+    for node in gm.graph.nodes:
+        kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
+        if node.op not in ("call_module", "call_function", "call_method") or kind not in shared:
+            continue
+        source = node.args[0] if node.args else None
+        if not is_quantizer(source):
+            continue
+        for user in node.users:
+            if is_quantizer(user) and user.target != source.target:
+                user.target = source.target
+                changed = True
+    if changed:
         gm.delete_all_unused_submodules()
         gm.recompile()
 

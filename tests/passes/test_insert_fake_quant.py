@@ -26,7 +26,7 @@ def forward(self, x):
     cat = torch.cat([activation_post_process_3, activation_post_process_1], 1);  activation_post_process_3 = activation_post_process_1 = None
     activation_post_process_4 = self.activation_post_process_4(cat);  cat = None
     flatten = torch.flatten(activation_post_process_4, 1);  activation_post_process_4 = None
-    activation_post_process_5 = self.activation_post_process_5(flatten);  flatten = None
+    activation_post_process_5 = self.activation_post_process_4(flatten);  flatten = None
     fc = self.fc(activation_post_process_5);  activation_post_process_5 = None
     activation_post_process_6 = self.activation_post_process_6(fc);  fc = None
     return activation_post_process_6
