@@ -283,7 +283,8 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
         ref = reference(qat, config)
         clamp_int_weights(ref, qmin=qmin, qmax=qmax)
         if runtime == "inductor":
-            _refuse_saturating_kernels(config)
+            if args:  # without them compile_inductor says what is missing first
+                _refuse_saturating_kernels(config)
             return compile_inductor(ref, args)
         return export_onnx(ref, args, threads=threads or torch.get_num_threads(),
                            uint8_weights=not exact_u8s8_kernels())

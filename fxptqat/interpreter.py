@@ -46,7 +46,7 @@ def _check_finite(node: fx.Node, value, path: str) -> None:
     if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
         if node.op == "placeholder":
             raise CalibrationError(
-                f"{path}: an input batch holds NaN or Inf in input {node.name!r}. Clean the data "
+                f"{path}: an input batch holds NaN or Inf in node {node.name!r} (a model input). Clean the data "
                 "(torch.nan_to_num) or drop the batch."
             )
         raise CalibrationError(

@@ -75,7 +75,7 @@ class _Int8Run(CheckedInterpreter):
     def run_node(self, n: fx.Node):
         # the fake-quant op runs first: an in-place lowered op (Hardswish(inplace=True)) would
         # otherwise hand it its own output as input
-        local = self._fake_quant_op(self.ops[n.name]) if n.name in self.ops else None
+        local = self._fake_quant_op(self.ops[n.name], n) if n.name in self.ops else None
         value = super().run_node(n)
         self.by_name[n.name] = value
         if n.name in self.inputs and n.op == "call_module":
@@ -99,6 +99,12 @@ class _Int8Run(CheckedInterpreter):
         quantizer = output_quantizer(self.qat, node)
         return None if quantizer is None else self.qat.get_submodule(quantizer.target)
 
+    @staticmethod
+    def _dequantized(value):
+        if isinstance(value, torch.Tensor):
+            return value.dequantize() if value.is_quantized else value.clone()  # in-place ops
+        return value
+
     def _value(self, node: fx.Node):
         """The lowered graph's value of fake-quant node ``node`` as fake-quant would see it."""
         if _is_quantizer_node(self.qat, node):
@@ -112,9 +118,20 @@ class _Int8Run(CheckedInterpreter):
             return value.dequantize() if value.is_quantized else value.clone()  # in-place ops
         return value
 
-    def _fake_quant_op(self, node: fx.Node):
+    def _fake_quant_op(self, node: fx.Node, lowered: fx.Node):
+        """The fake-quant op on the lowered op's own inputs: where both take the same number of
+        tensor inputs they pair up in order (the lowered input already on its INT8 grid, so a
+        rounding tie of the quantizer in front is not charged to this op); else each input is
+        the lowered value of the fake-quant input node, through its quantizer."""
+        fake_in = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        low_in = [a for a in lowered.all_input_nodes if a.op != "get_attr"]
+        if len(fake_in) == len(low_in) and all(a in self.env for a in low_in):
+            given = {a: self._dequantized(self.env[b]) for a, b in zip(fake_in, low_in, strict=True)}
+            value = lambda a: given[a] if a in given else self._value(a)  # noqa: E731
+        else:
+            value = self._value
         try:
-            args, kwargs = map_arg((node.args, node.kwargs), self._value)
+            args, kwargs = map_arg((node.args, node.kwargs), value)
         except KeyError:
             return None  # an input the lowering removed or renamed
         try:
@@ -167,7 +184,7 @@ class ParityReport:
     samples: int
     not_compared: tuple[tuple[str, str], ...] = ()
     ops: tuple[ParityRow, ...] = ()  # every other op, fake-quant run on the lowered graph's inputs
-    output_node: str | None = None  # the op or weighted node that makes the network output
+    output_nodes: tuple[str, ...] = ()  # the ops or weighted nodes that make the network outputs
     output_mean_abs: float | None = None  # None: the output was not compared (not a tensor)
     output_tolerance: float | None = None  # on output_mean_abs, for a lowered model run outside torch
     output_scale: float | None = None  # the output quantizer's step; None for a float output
@@ -184,12 +201,12 @@ class ParityReport:
         torch (onnxruntime, inductor) is within ``output_tolerance`` of the graph it was made from.
         Where the lowering renamed that op, the output is judged end to end: mean |diff| within
         one output step."""
-        made = {r.name: r.ok for r in (*self.rows, *self.ops)}.get(self.output_node)
+        verdicts = {r.name: r.ok for r in (*self.rows, *self.ops)}
         end_to_end = self.output_tolerance is None or (
             self.output_mean_abs is not None and self.output_mean_abs <= self.output_tolerance)
-        if made is None:  # not compared locally: judged end to end only
+        if not all(n in verdicts for n in self.output_nodes):  # not compared locally: end to end only
             return self.output_tolerance is not None and end_to_end
-        return made and end_to_end
+        return all(verdicts[n] for n in self.output_nodes) and end_to_end
 
     @property
     def first_divergence(self) -> str | None:
@@ -222,10 +239,10 @@ class ParityReport:
         text = tabulate(body, headers=head, tablefmt=tablefmt)
         verdict = "ok" if self.output_ok else "DIVERGES"
         if self.output_mean_abs is None:
-            return text + f"\nnetwork output ({self.output_node}): {verdict}, end to end not compared (not a tensor)"
+            return text + f"\nnetwork output ({', '.join(self.output_nodes) or 'no float value'}): {verdict}, end to end not compared (not a tensor)"
         unit = (lambda v: f"{v / self.output_scale:.3g} steps") if self.output_scale else (lambda v: f"{v:.3g}")
         bound = "" if self.output_tolerance is None else f" (tolerance {unit(self.output_tolerance)})"
-        return (text + f"\nnetwork output ({self.output_node}): {verdict}; end to end mean |diff| "
+        return (text + f"\nnetwork output ({', '.join(self.output_nodes) or 'no float value'}): {verdict}; end to end mean |diff| "
                 f"{unit(self.output_mean_abs)}{bound}, max {unit(self.output_max_abs)}; "
                 f"{len(self.rows)}/{len(self.rows) + len(self.not_compared)} weighted nodes and "
                 f"{len(self.ops)} other ops compared")
@@ -255,6 +272,13 @@ def _step(qat: fx.GraphModule, node) -> float | None:
     scale = getattr(qat.get_submodule(node.target), "scale", None)
     return float(scale) if isinstance(scale, torch.Tensor) and scale.numel() == 1 and getattr(
         qat.get_submodule(node.target), "frozen", False) else None
+
+
+def _float_leaves(value) -> list[torch.Tensor]:
+    """The floating-point tensors of a network output (a tensor, or a tuple/list/dict of them)."""
+    leaves = torch.utils._pytree.tree_leaves(value)
+    leaves = [t.dequantize() if t.is_quantized else t for t in leaves if isinstance(t, torch.Tensor)]
+    return [t for t in leaves if t.is_floating_point()]
 
 
 def _float_output_step(qat: fx.GraphModule, made, depth: int = 8) -> float:
@@ -324,9 +348,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             a[2] += int((diff > (scale or 0.0) * 1.001).sum()) if scale else 0
             a[3] += diff.numel()
             a[4] = max(a[4], float(ref.abs().max()))
-        if isinstance(q_out, torch.Tensor) and isinstance(i_out, torch.Tensor):
-            i_out = i_out.dequantize() if i_out.is_quantized else i_out
-            graph_out = graph_out.dequantize() if graph_out.is_quantized else graph_out
+        for q_out, i_out, graph_out in zip(*map(_float_leaves, (q_out, i_out, graph_out)), strict=False):
             diff = (q_out - i_out).abs()
             out_max = max(out_max, float(diff.max()))
             out_sum += float(diff.double().sum())
@@ -352,26 +374,31 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
         op_rows.append(ParityRow(name, step, tol, local, 0.0, 0.0))
     order = {n.name: i for i, n in enumerate(qat.graph.nodes)}
     (output,) = [n for n in qat.graph.nodes if n.op == "output"]
-    made = output.args[0]
-    while _is_quantizer_node(qat, made):
-        made = made.args[0]
-    out_scale = _step(qat, output.args[0])
+    outputs = []  # (quantizer or value node, the node that makes it) per graph output
+    map_arg(output.args[0], outputs.append)
+    made = []
+    for node in outputs:
+        producer = node
+        while _is_quantizer_node(qat, producer):
+            producer = producer.args[0]
+        if producer.op != "placeholder" and producer.name not in made:
+            made.append(producer.name)
+    steps = [_step(qat, node) if _step(qat, node) is not None else _float_output_step(qat, node) for node in outputs]
+    out_scale = _step(qat, outputs[0]) if len(outputs) == 1 else None
     out_tol = None
     compared = {r.name for r in rows} | {r.name for r in op_rows}
-    if run is None and out_count and made.name not in compared:
-        # the op making the output was renamed by the lowering: judge the output end to end
-        step = out_scale if out_scale is not None else _float_output_step(qat, made)
-        out_tol = tolerance_lsb * step + 1e-6
+    if run is None and out_count and not set(made) <= compared:
+        # an op making the output was renamed by the lowering: judge the output end to end
+        out_tol = tolerance_lsb * max(steps) + 1e-6
     if run is not None and out_count:
         # an executor of the same graph is held to one output step (for a float output: one input
         # step of the layer that makes it) beyond the float reference graph's own distance to
         # fake-quant (one-step ties that the network amplifies)
-        step = out_scale if out_scale is not None else _float_output_step(qat, made)
-        out_tol = tolerance_lsb * step + 2 * ref_sum / out_count + 1e-6
+        out_tol = tolerance_lsb * max(steps) + 2 * ref_sum / out_count + 1e-6
     return ParityReport(
         tuple(rows), out_max, agree / samples if samples else None, samples,
         not_compared=tuple(sorted(not_compared, key=lambda r: order[r[0]])),
         ops=tuple(sorted(op_rows, key=lambda r: order[r.name])),
-        output_node=made.name if isinstance(made, fx.Node) else None,
+        output_nodes=tuple(n for n in made if n in compared or out_count),
         output_mean_abs=out_sum / out_count if out_count else None, output_tolerance=out_tol, output_scale=out_scale,
     )

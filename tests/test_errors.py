@@ -378,8 +378,8 @@ def test_calibrate_rejected_batches_leave_prepared_graph_unchanged(prepared):
 
 
 def test_calibrate_bad_batch_type_names_batch_index(prepared):
-    with pytest.raises(fq.InputError, match=r"batch 1 must be a tensor or a tuple of tensors, got dict"):
-        fq.calibrate(prepared, [X, {"x": X}])
+    with pytest.raises(fq.InputError, match=r"batch 1 must be a tensor or a tuple of tensors, got int"):
+        fq.calibrate(prepared, [X, 3])
     assert stage_of(prepared).name == "PREPARED"
 
 

@@ -117,7 +117,7 @@ def test_refuses_saturating_weights_without_vnni():
         parity = fq.check_parity(qat, lowered, batches)
         assert parity.ok and parity.coverage == 1.0 and parity.coverage == 1.0, parity.table()
         return
-    with pytest.raises(fq.LoweringError, match=r"no AVX-512 VNNI.*reduce_range=True or weight_bits<=7"):
+    with pytest.raises(fq.LoweringError, match=r"no AVX-512 VNNI.*reduce_range=True\) or weight_bits<=7"):
         fq.lower(qat, runtime="inductor", example_inputs=batches[0])
     reduced = fq.prepare(make_small_net(), batches[0], config=fq.QuantConfig(weight_bits=8, reduce_range=True))
     fq.calibrate(reduced, batches)
