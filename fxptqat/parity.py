@@ -365,17 +365,17 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             a[2] += int((diff > (scale or 0.0) * 1.001).sum()) if scale else 0
             a[3] += diff.numel()
             a[4] = max(a[4], float(ref.abs().max()))
-        for q_out, i_out, graph_out, nudged in zip(*map(_float_leaves, (q_out, i_out, graph_out, nudged)),
-                                                   strict=False):
-            noise_sum += float((nudged - graph_out).abs().double().sum())
-            diff = (q_out - i_out).abs()
+        outputs = zip(*map(_float_leaves, (q_out, i_out, graph_out, nudged)), strict=False)
+        for fake, lowered, graph, moved in outputs:
+            noise_sum += float((moved - graph).abs().double().sum())
+            diff = (fake - lowered).abs()
             out_max = max(out_max, float(diff.max()))
             out_sum += float(diff.double().sum())
-            ref_sum += float((q_out - graph_out).abs().double().sum())
+            ref_sum += float((fake - graph).abs().double().sum())
             out_count += diff.numel()
-            if q_out.dim() == 2:
-                agree += int((q_out.argmax(1) == i_out.argmax(1)).sum())
-                samples += q_out.shape[0]
+            if fake.dim() == 2:
+                agree += int((fake.argmax(1) == lowered.argmax(1)).sum())
+                samples += fake.shape[0]
     rows = []
     for name, (_, _, scale) in points.items():
         iso, prop, off, count, magnitude = acc[name]
