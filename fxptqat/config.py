@@ -13,12 +13,13 @@ import torch.nn as nn
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "ENGINES", "QUANTIZED_OPS", "strict_options", "check_finite"]
+__all__ = ["QuantConfig", "ENGINES", "QUANTIZED_OPS", "ACT_OBSERVERS", "strict_options", "check_finite"]
 
 # onednn is left out: its conv-bn-add-relu fusion pattern cannot be prepared for QAT in torch 2.13
 # ("Cannot fuse train modules").
 ENGINES = ("x86", "fbgemm", "qnnpack")
 QUANTIZED_OPS = ("all", "weighted")
+ACT_OBSERVERS = ("minmax", "histogram", "ao_histogram")
 
 
 def strict_options(cls):
@@ -82,6 +83,15 @@ class QuantConfig:
         lowered with ``runtime="inductor"`` (which fuses the float ops into the INT8 kernels) or
         ``runtime="onnxruntime"``; ``runtime="torch"`` refuses it (torch.ao's convert_fx lowers
         float ops between quantized layers unreliably).
+    act_observer: how calibration sets each activation quantizer's range. "minmax" (default): the
+        observed min and max, every calibration value representable; "histogram": torch.ao
+        HistogramObserver's L2 range search (the estimator torchao's X86InductorQuantizer
+        calibrates with: tails that cost more range than they are worth are clipped), run on exact
+        counts over a fixed log-scale grid (``qconfig.LogHistogramObserver``), so the result does
+        not depend on the order of the batches and torch.distributed ranks reduce it exactly (equal
+        or better fidelity than minmax on every model measured, benchmarks/fidelity_probe.py);
+        "ao_histogram": torch.ao's ``HistogramObserver`` itself, whose result
+        depends on the order of the batches and which calibration refuses under torch.distributed.
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
     """
@@ -92,6 +102,7 @@ class QuantConfig:
     engine: str = "x86"
     reduce_range: bool = False
     quantized_ops: str = "all"
+    act_observer: str = "minmax"
     leaf_modules: tuple[type[nn.Module] | str, ...] = ()
     concrete_args: Mapping[str, Any] | None = None
 
@@ -114,6 +125,7 @@ class QuantConfig:
                 raise ConfigError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}.")
         _choice(owner, "engine", self.engine, ENGINES)
         _choice(owner, "quantized_ops", self.quantized_ops, QUANTIZED_OPS)
+        _choice(owner, "act_observer", self.act_observer, ACT_OBSERVERS)
         leaves = self.leaf_modules
         if isinstance(leaves, (str, type)):
             leaves = (leaves,)

@@ -2,8 +2,11 @@
 
 When a process group is initialized, ``calibrate`` and ``measure_error`` call these so that N ranks
 on disjoint shards end with the same quantizer parameters and the same report as one process over
-all shards, on every rank. Min/max observers reduce exactly (MIN/MAX); error sums reduce with SUM
-in float64, so the report matches a single process up to summation order.
+all shards, on every rank. Min/max observers reduce exactly (MIN/MAX), and so do
+``act_observer="histogram"``'s observers (integer counts on a fixed grid: SUM; min/max: MIN/MAX);
+error sums reduce with SUM in float64, so the report matches a single process up to summation
+order. torch.ao's ``HistogramObserver`` (``act_observer="ao_histogram"``) has no exact reduction:
+calibration refuses it under torch.distributed.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
+from .errors import ConfigError
 from .fake_quantize import FakeQuantize
+from .qconfig import LogHistogramObserver
 from .stats import RunningError
 
-__all__ = ["active", "sum_int", "reduce_observers", "reduce_running"]
+__all__ = ["active", "sum_int", "check_observers", "reduce_observers", "reduce_running"]
 
 
 def active() -> bool:
@@ -31,16 +36,39 @@ def sum_int(value: int) -> int:
     return int(t.item())
 
 
-def reduce_observers(gm: fx.GraphModule) -> None:
-    """Global min/max for every activation observer (weights are the same on every rank)."""
+def check_observers(gm: fx.GraphModule) -> None:
+    """Raise ConfigError if some observer's statistics cannot be reduced exactly across ranks.
+
+    Cheap; ``calibrate`` can call it before running any batch. A no-op outside torch.distributed.
+    """
     if not active():
         return
+    for name, module in gm.named_modules():
+        if isinstance(module, FakeQuantize) and isinstance(module.activation_post_process, HistogramObserver):
+            raise ConfigError(
+                f"calibrate(): quantizer {name!r} uses torch.ao's HistogramObserver "
+                "(QuantConfig(act_observer='ao_histogram')), which cannot be reduced across torch.distributed "
+                "ranks: it re-bins its histogram whenever a batch widens the range, so its statistics depend on "
+                "which batches a process saw and in which order, and two ranks' histograms do not merge into "
+                "one process's. Use QuantConfig(act_observer='histogram') (the same range search on exact "
+                "counts that sum across ranks) or act_observer='minmax', or calibrate in one process."
+            )
+
+
+def reduce_observers(gm: fx.GraphModule) -> None:
+    """Global statistics for every activation observer (weights are the same on every rank):
+    MIN/MAX of min/max, SUM of LogHistogramObserver's integer counts -- exact, any rank order."""
+    if not active():
+        return
+    check_observers(gm)
     for module in gm.modules():
         if not isinstance(module, FakeQuantize):
             continue
         obs = module.activation_post_process
-        if not isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver)):
+        if not isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver, LogHistogramObserver)):
             continue
+        if isinstance(obs, LogHistogramObserver):
+            dist.all_reduce(obs.histogram, op=dist.ReduceOp.SUM)
         dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
         dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
 

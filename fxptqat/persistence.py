@@ -46,6 +46,7 @@ def _config_to_dict(config: QuantConfig) -> dict:
 
 
 def _config_from_dict(data: dict) -> QuantConfig:
+    data = {"act_observer": "minmax", **data}  # files saved before the option existed
     leaves = []
     for leaf in data.get("leaf_modules", []):
         if leaf.startswith("class:"):
