@@ -42,24 +42,11 @@ import torch.nn.functional as F
 
 
 def import_torchvision():
-    """torchvision's PyPI wheel is CUDA-linked: skip its C++ op registrations (ENVIRONMENT.md)."""
-    import torch.library as L
+    """torchvision's PyPI wheel is CUDA-linked: imported through the zoo benchmark's shim (ENVIRONMENT.md)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from zoo_models import import_torchvision as shimmed
 
-    fake, autograd = L.register_fake, L.register_autograd
-
-    def skip_tv(real):
-        def wrapper(op, *args, **kwargs):
-            if isinstance(op, str) and op.startswith("torchvision::"):
-                return (lambda fn: fn) if not args else None
-            return real(op, *args, **kwargs)
-        return wrapper
-
-    L.register_fake, L.register_autograd = skip_tv(fake), skip_tv(autograd)
-    try:
-        import torchvision
-    finally:
-        L.register_fake, L.register_autograd = fake, autograd
-    return torchvision
+    return shimmed()
 
 
 MODELS = {
