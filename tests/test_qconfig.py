@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fxptqat as fq
 from fxptqat.models import SmallViT
@@ -66,3 +67,27 @@ def test_weighted_recipe_quantizes_only_conv_and_linear_and_keeps_parity(build, 
 def test_recipe_survives_the_saved_config():
     config = fq.QuantConfig(quantized_ops="weighted", weight_bits=4)
     assert _config_from_dict(_config_to_dict(config)) == config
+
+
+class Upsample(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.up(self.conv(x)))
+
+
+def test_transposed_convs_stay_float_so_int8_computes_what_was_simulated():
+    """torch.ao has no QAT ConvTranspose: its weights were float in fake-quant, quantized by convert."""
+    torch.manual_seed(0)
+    data = _data((4, 3, 8, 8))
+    qat = fq.prepare(Upsample().eval(), data[0])
+    fq.calibrate(qat, data)
+    int8 = fq.lower(qat)
+    assert type(int8.get_submodule("up")) is nn.ConvTranspose2d
+    parity = fq.check_parity(qat, int8, data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+    assert {r.name for r in parity.rows} == {"conv", "head"}
