@@ -71,6 +71,9 @@ def run_demo(
 ) -> DemoResult:
     from tqdm.auto import tqdm
 
+    # a bad option fails before a minute of float training, not after it
+    config = QuantConfig(weight_bits=weight_bits, act_bits=8)
+    policy = Threshold(theta)
     start = time.perf_counter()
     torch.manual_seed(seed)
     bar = tqdm(total=7, desc="fxptqat demo", disable=not progress)
@@ -86,7 +89,6 @@ def run_demo(
     stage("float model trained")
 
     calib = list(itertools.islice(batches(x_train, batch_size=64), 8))
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8)
     qat = api.prepare(model, x_train[:64], config=config)
     api.calibrate(qat, calib)
     ptq_acc = accuracy(qat, x_test, y_test)
@@ -95,7 +97,7 @@ def run_demo(
     report = api.measure_error(qat, calib)
     stage("per-node error measured")
 
-    selection = api.select_trainable(qat, report, policy=Threshold(theta))
+    selection = api.select_trainable(qat, report, policy=policy)
     marks = {n: "QAT" for n in selection.trainable} | {n: "frozen" for n in selection.frozen}
     echo(f"\nPer-node error at W{weight_bits}A8 (isolated: float inputs; propagated: quantized network)")
     echo(report.table(marks=marks))

@@ -81,24 +81,27 @@ def weights_to_uint8(model) -> int:
     onnx, _ = _import()
     from onnx import numpy_helper
 
-    values = {init.name: init for init in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    graph = model.graph
+    values = {init.name: init for init in graph.initializer}
     converted = 0
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) < 3:
             continue
         weight, zero = values.get(node.input[0]), values.get(node.input[2])
         if weight is None or zero is None or weight.data_type != onnx.TensorProto.INT8:
             continue
-        if readers[node.input[0]] != 1 or readers[node.input[2]] != 1:
-            continue  # shared with another reader: leave it
-        for init, name in ((weight, node.input[0]), (zero, node.input[2])):
+        # each DequantizeLinear gets its own uint8 copies: the exporter shares equal initializers
+        # (every all-zero per-channel zero point of a width is one tensor), and a reader left on
+        # int8 would run the saturating kernel
+        for slot, init in ((0, weight), (2, zero)):
             array = numpy_helper.to_array(init).astype(np.int16) + 128
-            init.CopyFrom(numpy_helper.from_array(array.astype(np.uint8), name))
+            name = f"{init.name}_u8_{converted}"
+            graph.initializer.append(numpy_helper.from_array(array.astype(np.uint8), name))
+            node.input[slot] = name
         converted += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
     return converted
 
 

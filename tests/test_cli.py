@@ -20,9 +20,18 @@ def test_demo_runs_the_whole_pipeline_on_mnist(tmp_path, capsys):
     assert result["parity_first_divergence"] is None
 
 
-def test_demo_rejects_bad_bits(capsys):
-    assert main(["demo", "--weight-bits", "9", "--no-progress"]) == 2
-    assert "weight_bits=9 is out of range" in capsys.readouterr().err
+@pytest.mark.parametrize("option, message", [(["--weight-bits", "9"], "weight_bits=9 is out of range"),
+                                             (["--theta", "-1"], "theta")])
+def test_demo_rejects_bad_options_before_training(option, message, capsys, monkeypatch):
+    from fxptqat import demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained before checking its options")
+
+    monkeypatch.setattr(demo, "load_mnist", no_training)
+    monkeypatch.setattr(demo, "train_float", no_training)
+    assert main(["demo", *option, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_unknown_command():

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import event, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat.errors import ConfigError, LoweringError
-from fxptqat.lowering_onnx import OnnxRuntimeModule, fold_weight_quantization
+from fxptqat.lowering_onnx import OnnxRuntimeModule, export_onnx, fold_weight_quantization, weights_to_uint8
 from fxptqat.testing import traceable_models, weight_bits
 
 from conftest import same_state, state_of
@@ -68,12 +68,59 @@ def test_weights_are_stored_as_restricted_int8():
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=batches[0])
     graph = onnx.load_from_string(lowered.model_bytes).graph
     weights = [numpy_helper.to_array(i) for i in graph.initializer if len(i.dims) >= 2]
-    assert len(weights) == 3 and all(w.dtype.name == "int8" for w in weights)
-    assert all(int(abs(w).max()) <= 7 for w in weights)  # clamped to what fake-quant simulated
+    from fxptqat.lowering import exact_u8s8_kernels
+
+    # int8, or on CPUs without VNNI the same values as uint8 around zero point 128 (weights_to_uint8)
+    dtype, offset = ("int8", 0) if exact_u8s8_kernels() else ("uint8", 128)
+    assert len(weights) == 3 and all(w.dtype.name == dtype for w in weights)
+    assert all(int(abs(w.astype(int) - offset).max()) <= 7 for w in weights)  # clamped to what fake-quant simulated
     parity = fq.check_parity(qat, lowered, batches)
     assert parity.ok and parity.coverage == 1.0, parity.table()
     fp32 = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert lowered.size_bytes < 0.3 * fp32
+
+
+class _ThreeHeads(nn.Module):
+    """q/k/v-style projections of one input: the exporter gives their weights' all-zero per-channel
+    zero points one shared initializer."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(16, 16) for _ in range(3)])
+
+    def forward(self, x):
+        return sum(h(x) for h in self.heads)
+
+
+def test_uint8_weights_reach_readers_of_shared_initializers():
+    # Found on a ViT: a DequantizeLinear whose zero point was shared was left on int8, so onnxruntime
+    # ran its u8 x s8 kernel, which saturates on CPUs without VNNI (0.033 off the reference graph
+    # end to end; 1.2 on this module) while every torch-side check passed.
+    from fxptqat.lowering import reference
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 16, 16, generator=g) * 3,) for _ in range(2)]
+    qat = _calibrated(_ThreeHeads().eval(), batches, quantized_ops="weighted")
+    ref = reference(qat, fq.meta.graph_info(qat).config)
+    proto = torch.onnx.export(ref, batches[0], dynamo=True, optimize=True).model_proto
+    fold_weight_quantization(proto)
+    weight_dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                  and n.input[0] in {i.name for i in proto.graph.initializer if len(i.dims) == 2}]
+    assert len(weight_dqs) == 3
+    assert len({n.input[2] for n in weight_dqs}) < 3  # the shared zero point this test is about
+    assert weights_to_uint8(proto) == 3
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in weight_dqs:
+        assert inits[node.input[0]].dtype.name == "uint8" and inits[node.input[2]].dtype.name == "uint8"
+        assert (inits[node.input[2]] == 128).all()
+    onnx.checker.check_model(proto)
+    lowered = export_onnx(ref, batches[0], threads=1, uint8_weights=True)
+    (x,) = batches[1]
+    with torch.no_grad():
+        assert float((lowered(x) - ref(x)).abs().max()) < 1e-4
+    parity = fq.check_parity(qat, fq.lower(qat, runtime="onnxruntime", example_inputs=batches[0]), batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
 def test_fold_is_idempotent(small_net, small_batches):
@@ -164,8 +211,4 @@ def test_property_onnxruntime_matches_fake_quant(pair, wb, ops):
     qat = _calibrated(model, batches, weight_bits=wb, quantized_ops=ops)
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=inputs, threads=1)
     parity = fq.check_parity(qat, lowered, batches)
-    # node by node on the exported reference graph; onnxruntime's own output departs from that
-    # graph on some draws on CPUs without AVX-512 VNNI (open, tests/test_qconfig.py): reported
-    event(f"onnxruntime output within its end-to-end bound: {parity.output_ok}")
-    assert parity.rows and parity.first_divergence is None and not parity.diverging_ops, parity.table()
-    assert parity.coverage == 1.0, parity.table()
+    assert parity.ok and parity.coverage == 1.0, parity.table()

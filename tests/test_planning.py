@@ -113,7 +113,7 @@ def test_zero_token_phases():
 
 def test_fit_recovers_the_parameters_of_synthetic_records():
     law = ScalingLaw(TRUTH)
-    fit = ScalingLaw.fit(synthetic_records(law), restarts=32, adam_steps=1000, seed=0)
+    fit = ScalingLaw.fit(synthetic_records(law), restarts=8, adam_steps=1000, seed=0)
     assert fit.fit_info.fixed == {}
     assert fit.fit_info.r2 > 0.999999
     for name in TRUTH.__dataclass_fields__:
@@ -122,7 +122,7 @@ def test_fit_recovers_the_parameters_of_synthetic_records():
 
 def test_fit_with_noise_predicts_held_out_points_and_the_optimal_fraction():
     law = ScalingLaw(TRUTH)
-    fit = ScalingLaw.fit(synthetic_records(law, noise=0.003), restarts=32, adam_steps=1000, seed=0)
+    fit = ScalingLaw.fit(synthetic_records(law, noise=0.003), restarts=8, adam_steps=1000, seed=0)
     assert fit.fit_info.r2 > 0.99
     for n, d, b in ((3e7, 3e9, 3), (3e8, 3e10, 6), (1e9, 1e11, 2)):  # points the fit never saw
         for f in (0.2, 0.5):

@@ -342,7 +342,8 @@ def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy
 @pytest.mark.parametrize("ab, ops", [(8, "all"), (None, "all"), (8, "weighted")],
                          ids=["act8", "weight-only", "act8-weighted"])
 def test_lowered_int8_matches_fake_quant(ab, ops):
-    @PIPELINE
+    # an ONNX export costs seconds per draw: 8 here and 6 in tests/test_lowering_onnx.py's property
+    @(settings(PIPELINE, max_examples=8) if ops == "weighted" else PIPELINE)
     @given(MODELS, weight_bits())
     def check(pair, wb):
         model, (x,) = pair
@@ -356,14 +357,7 @@ def test_lowered_int8_matches_fake_quant(ab, ops):
         else:
             int8 = fq.lower(qat)
         parity = fq.check_parity(qat, int8, batches)
-        if ops == "weighted":
-            # node by node on the reference graph it exports; onnxruntime's own output departs from
-            # that graph on some draws (open: tests/test_qconfig.py), so it is reported, not asserted
-            event(f"onnxruntime output within its end-to-end bound: {parity.output_ok}")
-            assert parity.rows and parity.first_divergence is None and not parity.diverging_ops, parity.table()
-            assert parity.coverage == 1.0, parity.table()
-        else:
-            assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
+        assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
         assert {r.name for r in parity.rows} <= _weighted_nodes(qat)
         for row in parity.rows:
             # tolerance derived from the output quantizer's step, not a hand-tuned constant
