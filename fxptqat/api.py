@@ -16,18 +16,15 @@ import torch.nn as nn
 
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
-from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
-from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.float_scalar_ops import float_scalar_ops
-from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
-from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
-from fxptqat.passes.split_shared_modules import split_shared_modules
 
 from . import distributed, meta
+from .capture import capture_fx
+from .capture.tracing import trace
 from .config import QuantConfig, check_finite
 from .errors import CalibrationError, ConfigError, InputError, LoweringError, SelectionError, StageError
 from .fake_quantize import FakeQuantize
@@ -42,7 +39,6 @@ from .parity import ParityReport, compare
 from .report import ErrorReport, ErrorRow
 from .selection import Adaptive, Selection, Threshold
 from .stages import require
-from .tracing import graph_inputs, trace
 
 __all__ = [
     "prepare", "calibrate", "measure_error", "select_trainable", "finetune", "lower", "check_parity",
@@ -79,20 +75,7 @@ def prepare(
             "prepare(): example_inputs must be tensors, got "
             f"{[type(x).__name__ for x in example_inputs]}; give non-tensor options with kwargs={{...}}."
         )
-    names, _ = graph_inputs(model, len(example_inputs), kwargs)
-    example_inputs = (*example_inputs, *(kwargs[n] for n in names[len(example_inputs):]))
-    work = copy.deepcopy(model)
-    gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
-    with torch.no_grad():
-        CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
-    fold_parameter_metadata(gm)
-    split_shared_modules(gm)
-    insert_fake_quant(gm, config=config, example_inputs=example_inputs)
-    if config.weighted_only:
-        drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
-    fit_observers_to_clamps(gm)
-    gm.graph.lint()
-    return gm.eval()
+    return capture_fx(model, example_inputs, kwargs, config)
 
 
 def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:

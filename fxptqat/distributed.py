@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.fx as fx
-from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
 
 from .errors import ConfigError
 from .fake_quantize import FakeQuantize
-from .qconfig import LogHistogramObserver
 from .stats import RunningError
 
 __all__ = ["active", "sum_int", "check_observers", "reduce_observers", "reduce_running"]
@@ -44,10 +42,11 @@ def check_observers(gm: fx.GraphModule) -> None:
     if not active():
         return
     for name, module in gm.named_modules():
-        if isinstance(module, FakeQuantize) and isinstance(module.activation_post_process, HistogramObserver):
+        if isinstance(module, FakeQuantize) and not module.reducible_across_ranks():
+            observer = type(module.activation_post_process).__name__
             raise ConfigError(
-                f"calibrate(): quantizer {name!r} uses torch.ao's HistogramObserver "
-                "(QuantConfig(act_observer='ao_histogram')), which cannot be reduced across torch.distributed "
+                f"calibrate(): quantizer {name!r} uses {observer} (torch.ao's HistogramObserver is what "
+                "QuantConfig(act_observer='ao_histogram') gives), which cannot be reduced across torch.distributed "
                 "ranks: it re-bins its histogram whenever a batch widens the range, so its statistics depend on "
                 "which batches a process saw and in which order, and two ranks' histograms do not merge into "
                 "one process's. Use QuantConfig(act_observer='histogram') (the same range search on exact "
@@ -62,15 +61,8 @@ def reduce_observers(gm: fx.GraphModule) -> None:
         return
     check_observers(gm)
     for module in gm.modules():
-        if not isinstance(module, FakeQuantize):
-            continue
-        obs = module.activation_post_process
-        if not isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver, LogHistogramObserver)):
-            continue
-        if isinstance(obs, LogHistogramObserver):
-            dist.all_reduce(obs.histogram, op=dist.ReduceOp.SUM)
-        dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
-        dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
+        if isinstance(module, FakeQuantize):
+            module.all_reduce_statistics()
 
 
 def reduce_running(stats: dict[str, RunningError]) -> None:

@@ -12,9 +12,19 @@ Gradients are the straight-through estimator of those ops (pass-through inside t
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.ao.quantization import FakeQuantize as _AOFakeQuantize
+from torch.ao.quantization import FakeQuantizeBase
+from torch.ao.quantization.observer import MinMaxObserver, ObserverBase, PerChannelMinMaxObserver
 
-__all__ = ["FakeQuantize"]
+__all__ = ["FakeQuantize", "is_quantizer"]
+
+
+def is_quantizer(module) -> bool:
+    """A module that observes or fake-quantizes a value: fxptqat's FakeQuantize, and what the
+    capture leaves of torch.ao's own (the fixed-qparams quantizers of sigmoid/softmax, the
+    placeholders of weight-only recipes)."""
+    return isinstance(module, (FakeQuantizeBase, ObserverBase))
 
 
 class FakeQuantize(_AOFakeQuantize):
@@ -83,6 +93,23 @@ class FakeQuantize(_AOFakeQuantize):
         return torch.fake_quantize_per_tensor_affine(
             X, self.scale, self.zero_point, self.quant_min, self.quant_max
         )
+
+    # -- statistics across torch.distributed ranks -------------------------------------------------
+    def reducible_across_ranks(self) -> bool:
+        """Whether :meth:`all_reduce_statistics` can merge this observer's statistics exactly."""
+        obs = self.activation_post_process
+        return hasattr(obs, "all_reduce_statistics") or isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver))
+
+    def all_reduce_statistics(self) -> None:
+        """Replace the observer's statistics by those of every rank together (exact, any rank order):
+        MIN/MAX of min/max; an observer with its own ``all_reduce_statistics`` (exact histograms)
+        reduces itself. Observers that cannot be merged are left alone (see reducible_across_ranks)."""
+        obs = self.activation_post_process
+        if hasattr(obs, "all_reduce_statistics"):
+            obs.all_reduce_statistics()
+        elif isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver)):
+            dist.all_reduce(obs.min_val, op=dist.ReduceOp.MIN)
+            dist.all_reduce(obs.max_val, op=dist.ReduceOp.MAX)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -15,7 +15,7 @@ import re
 import torch
 import torch.fx as fx
 
-from .interpreter import is_quantizer
+from .fake_quantize import is_quantizer
 
 __all__ = ["match_nodes", "output_quantizer"]
 

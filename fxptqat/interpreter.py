@@ -11,13 +11,11 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
-from torch.ao.quantization import FakeQuantizeBase
-from torch.ao.quantization.observer import ObserverBase
 from torch.fx.node import map_arg
 
 from . import meta
 from .errors import CalibrationError, FxptqatError, InputError
-from .fake_quantize import FakeQuantize
+from .fake_quantize import is_quantizer
 from .stats import RunningError
 
 __all__ = ["CheckedInterpreter", "ErrorRecorder"]
@@ -57,10 +55,6 @@ def _check_finite(node: fx.Node, value, path: str) -> None:
         )
 
 
-def is_quantizer(module) -> bool:
-    return isinstance(module, (FakeQuantizeBase, ObserverBase))
-
-
 class CheckedInterpreter(fx.Interpreter):
     """Runs a graph; failures name the node; optionally rejects non-finite values."""
 
@@ -95,22 +89,14 @@ class _Pair:
 
 
 @contextlib.contextmanager
-def _weights_float(module) -> Iterator[None]:
-    fq = module.weight_fake_quant
-    if isinstance(fq, FakeQuantize):
-        saved = fq._fake_quant
-        fq._fake_quant = False
-        try:
-            yield
-        finally:
-            fq._fake_quant = saved
-    else:  # a torch.ao quantizer: use its buffer switch
-        saved = int(fq.fake_quant_enabled[0])
-        fq.disable_fake_quant()
-        try:
-            yield
-        finally:
-            fq.enable_fake_quant(bool(saved))
+def _weights_float(quantizer) -> Iterator[None]:
+    """The weight quantizer passes weights through unchanged inside the block."""
+    saved = bool(quantizer.fake_quant_enabled[0])
+    quantizer.enable_fake_quant(False)
+    try:
+        yield
+    finally:
+        quantizer.enable_fake_quant(saved)
 
 
 class ErrorRecorder(CheckedInterpreter):
@@ -174,7 +160,7 @@ class ErrorRecorder(CheckedInterpreter):
                 iso = module(source.iso) if source.iso is not None else None
                 return _Pair(q, f_args[0], iso)
             if n.name in self.weighted:
-                with _weights_float(module):
+                with _weights_float(self.fetch_attr(self.weighted[n.name].weight_quantizer)):
                     f = module(*f_args, **f_kwargs)
                 return _Pair(q, f, module(*f_args, **f_kwargs))
         f = getattr(self, n.op)(n.target, f_args, f_kwargs)

@@ -11,9 +11,9 @@ import torch.fx as fx
 from torch.ao.quantization.fx.utils import assert_and_get_unique_device
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx, convert_fx
 
+from .capture.qconfig import backend_config
 from .config import QuantConfig
 from .errors import LoweringError
-from .qconfig import backend_config
 
 __all__ = ["convert", "reference", "quantized_engine", "x86_routes_to_fbgemm", "exact_u8s8_kernels"]
 

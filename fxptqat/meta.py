@@ -46,22 +46,33 @@ class Stage(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class NodeInfo:
-    """Per quantized (weighted) node.
+    """Per quantized (weighted) node: what every step after capture needs, as names and targets.
 
-    role: "weighted" (a module with a weight quantizer).
-    source: qualified name of the module in the user's model.
+    The steps after capture (calibration, measurement, selection, training, parity, persistence)
+    read this and call :class:`fxptqat.FakeQuantize` methods; they never look into the capture's
+    module layout (torch.ao's QAT modules today, a PT2E graph later), which writes it.
+
+    source: qualified name of the module in the user's model (the node's target).
     module_type: class name of the QAT module (e.g. "ConvBnReLU2d").
-    output_quantizer: name of the activation quantizer node fed by this node, if any.
+    output_quantizer: *node name* of the activation quantizer fed by this node, if any.
+    output_quantizer_module: that quantizer's *module target* (several nodes may call one module).
+    weight: target of the weight parameter; weight_quantizer: target of its FakeQuantize.
+    parameters: targets of every parameter the node owns (weight, bias, BatchNorm affine).
+    fan_in: inputs summed into one output value (in_features, or in_channels/groups x kernel).
     params: number of parameters the node owns.
     isolated / propagated: error stats once measured.
     trainable: None until a selection is applied.
     """
 
-    role: str
     source: str
     module_type: str
     output_quantizer: str | None
     params: int
+    weight: str = ""
+    weight_quantizer: str = ""
+    output_quantizer_module: str | None = None
+    parameters: tuple[str, ...] = ()
+    fan_in: int = 0
     isolated: ErrorStats | None = None
     propagated: ErrorStats | None = None
     trainable: bool | None = None

@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import api, meta
+from .capture import bn_frozen
 from .config import QuantConfig
 from .errors import ConfigError, InputError, SelectionError
 from .stats import ErrorStats
@@ -71,11 +72,8 @@ def save(qat: fx.GraphModule, path: str | os.PathLike) -> None:
         }
         for n, i in meta.quantized_nodes(qat)
     }
-    owned = {id(p) for n, _ in meta.quantized_nodes(qat) for p in qat.get_submodule(n.target).parameters()}
-    bn_moving = any(
-        not getattr(qat.get_submodule(n.target), "freeze_bn", True)
-        for n, i in meta.quantized_nodes(qat) if i.trainable
-    )
+    owned = {id(qat.get_parameter(t)) for _, i in meta.quantized_nodes(qat) for t in i.parameters}
+    bn_moving = any(bn_frozen(qat.get_submodule(n.target)) is False for n, i in meta.quantized_nodes(qat) if i.trainable)
     recipe = {
         "format": FORMAT,
         "bn_stats": "train" if bn_moving else "frozen",

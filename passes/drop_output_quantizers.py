@@ -88,7 +88,7 @@ def drop_output_quantizers(gm: fx.GraphModule, /) -> PassResult:
         quantizer.replace_all_uses_with(node)
         gm.graph.erase_node(quantizer)
         gm.delete_submodule(quantizer.target)
-        meta.update_node_info(node, output_quantizer=None)
+        meta.update_node_info(node, output_quantizer=None, output_quantizer_module=None)
         dropped.append(node.name)
     if dropped:
         gm.recompile()

@@ -23,9 +23,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxptqat import meta
+from fxptqat.capture.qconfig import backend_config, qconfig_mapping
 from fxptqat.config import QuantConfig
 from fxptqat.errors import TraceError
-from fxptqat.qconfig import backend_config, qconfig_mapping
 
 __all__ = ["insert_fake_quant"]
 
@@ -223,15 +223,21 @@ def _annotate(gm: fx.GraphModule, config: QuantConfig) -> None:
             out_q = None
             if len(users) == 1 and users[0].op == "call_module":
                 if isinstance(modules[users[0].target], torch.ao.quantization.FakeQuantizeBase):
-                    out_q = users[0].name
+                    out_q = users[0]
+            target = str(node.target)
+            weight = module.weight
             meta.set_node_info(
                 node,
                 meta.NodeInfo(
-                    role="weighted",
-                    source=str(node.target),
+                    source=target,
                     module_type=type(module).__name__,
-                    output_quantizer=out_q,
+                    output_quantizer=out_q.name if out_q is not None else None,
+                    output_quantizer_module=str(out_q.target) if out_q is not None else None,
                     params=sum(p.numel() for p in module.parameters()),
+                    weight=f"{target}.weight",
+                    weight_quantizer=f"{target}.weight_fake_quant",
+                    parameters=tuple(f"{target}.{name}" for name, _ in module.named_parameters()),
+                    fan_in=weight[0].numel() if weight.dim() > 1 else 1,
                 ),
             )
         elif type(module) in _FLOAT_WEIGHTED:

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxptqat import meta
+from fxptqat.capture import set_bn_frozen
 from fxptqat.errors import ConfigError, SelectionError
 
 __all__ = ["mark_trainable", "BN_STATS", "FLOAT_PARAMS"]
@@ -49,16 +50,12 @@ def mark_trainable(
     modified = False
     owned: set[int] = set()
     for node, info in nodes.items():
-        module = gm.get_submodule(node.target)
         train = node.name in trainable
-        for p in module.parameters():
+        for target in info.parameters:
+            p = gm.get_parameter(target)
             owned.add(id(p))
             modified |= _set_grad(p, train)
-        if hasattr(module, "freeze_bn_stats"):
-            want_frozen = not train or bn_stats == "frozen"
-            if bool(module.freeze_bn) != want_frozen:
-                module.freeze_bn_stats() if want_frozen else module.update_bn_stats()
-                modified = True
+        modified |= set_bn_frozen(gm.get_submodule(node.target), not train or bn_stats == "frozen")
         if info.trainable is not train:
             meta.update_node_info(node, trainable=train)
             modified = True
@@ -90,9 +87,9 @@ def _inside_owned(module: nn.Module, owned: set[int]) -> bool:
 def _with_tied(gm: fx.GraphModule, nodes, trainable: set[str]) -> set[str]:
     """Close ``trainable`` over nodes that share a parameter with a trainable node."""
     owners: dict[int, set[str]] = {}
-    for node in nodes:
-        for p in gm.get_submodule(node.target).parameters():
-            owners.setdefault(id(p), set()).add(node.name)
+    for node, info in nodes.items():
+        for target in info.parameters:
+            owners.setdefault(id(gm.get_parameter(target)), set()).add(node.name)
     grown = set(trainable)
     for names in owners.values():
         if names & grown:

@@ -23,7 +23,7 @@ from fxptqat import meta
 from fxptqat.config import ACT_OBSERVERS
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.lowering import reference
-from fxptqat.qconfig import LogHistogramObserver
+from fxptqat.capture.qconfig import LogHistogramObserver
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import fxptqat as fq
-from fxptqat.tracing import trace
+from fxptqat.capture.tracing import trace
 
 
 class Flagged(nn.Module):

@@ -29,8 +29,8 @@ from torch.ao.quantization.observer import (
 from torch.ao.quantization.qconfig import default_quint8_weight_qconfig, default_reuse_input_qconfig
 from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 
-from .config import QuantConfig
-from .fake_quantize import FakeQuantize
+from ..config import QuantConfig
+from ..fake_quantize import FakeQuantize
 
 __all__ = ["backend_config", "qconfig_mapping", "weight_fake_quant", "activation_fake_quant",
            "LogHistogramObserver"]
@@ -187,6 +187,12 @@ class LogHistogramObserver(UniformQuantizationObserverBase):
         search.min_val, search.max_val = self.min_val.detach().cpu().clone(), self.max_val.detach().cpu().clone()
         scale, zero_point = search.calculate_qparams()
         return scale.to(self.min_val.device), zero_point.to(self.min_val.device)
+
+    def all_reduce_statistics(self) -> None:
+        """SUM of the integer counts, MIN/MAX of min/max over torch.distributed ranks: exact."""
+        torch.distributed.all_reduce(self.histogram, op=torch.distributed.ReduceOp.SUM)
+        torch.distributed.all_reduce(self.min_val, op=torch.distributed.ReduceOp.MIN)
+        torch.distributed.all_reduce(self.max_val, op=torch.distributed.ReduceOp.MAX)
 
     def extra_repr(self) -> str:
         return f"min_val={float(self.min_val)}, max_val={float(self.max_val)}, values={int(self.histogram.sum())}"

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .config import QuantConfig
-from .errors import TraceError
+from ..config import QuantConfig
+from ..errors import TraceError
 
 __all__ = ["trace", "graph_inputs"]
 

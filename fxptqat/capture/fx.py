@@ -1,0 +1,45 @@
+"""The FX capture: symbolic trace + torch.ao ``prepare_qat_fx`` (through passes/insert_fake_quant.py)
+and the graph passes that make its QAT graph what fxptqat simulates."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
+from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
+from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
+from fxptqat.passes.insert_fake_quant import insert_fake_quant
+from fxptqat.passes.split_shared_modules import split_shared_modules
+
+from ..config import QuantConfig
+from ..interpreter import CheckedInterpreter
+from .tracing import graph_inputs, trace
+
+__all__ = ["capture_fx"]
+
+
+def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config: QuantConfig) -> fx.GraphModule:
+    """Trace a copy of ``model`` and insert fake-quant; returns the annotated QAT graph in eval mode.
+
+    The graph takes ``example_inputs`` and the tensor values of ``kwargs``, in the order of
+    ``model.forward``'s signature; other arguments are baked in (see :func:`graph_inputs`).
+    """
+    names, _ = graph_inputs(model, len(example_inputs), kwargs)
+    example_inputs = (*example_inputs, *(kwargs[n] for n in names[len(example_inputs):]))
+    work = copy.deepcopy(model)
+    gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
+    with torch.no_grad():
+        CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
+    fold_parameter_metadata(gm)
+    split_shared_modules(gm)
+    insert_fake_quant(gm, config=config, example_inputs=example_inputs)
+    if config.weighted_only:
+        drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
+    fit_observers_to_clamps(gm)
+    gm.graph.lint()
+    return gm.eval()
