@@ -17,27 +17,26 @@ import torch.nn as nn
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.float_scalar_ops import float_scalar_ops
-from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
-from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
 
-from . import distributed, meta
+from . import meta
+from .calibration import run_calibration
 from .capture import capture_fx
 from .capture.tracing import trace
 from .config import QuantConfig, check_finite
-from .errors import CalibrationError, ConfigError, InputError, LoweringError, SelectionError, StageError
+from .errors import ConfigError, InputError, LoweringError, SelectionError, StageError
 from .fake_quantize import FakeQuantize
 from .finetune import finetune
 from .graph_match import match_nodes, output_quantizer
-from .inputs import as_args, iter_batches
-from .interpreter import CheckedInterpreter, ErrorRecorder
+from .inputs import as_args
 from .lowering import convert, exact_u8s8_kernels, quantized_engine, reference, x86_routes_to_fbgemm
 from .lowering_inductor import InductorModule, compile_inductor
 from .lowering_onnx import OnnxRuntimeModule, export_onnx
+from .measure import measure
 from .parity import ParityReport, compare
-from .report import ErrorReport, ErrorRow
-from .selection import Adaptive, Selection, Threshold
+from .report import ErrorReport
+from .selection import Adaptive, Selection, Threshold, mark_selection
 from .stages import require
 
 __all__ = [
@@ -86,76 +85,19 @@ def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
     info = require(qat, meta.Stage.PREPARED, "calibrate")
     if info.stage > meta.Stage.PREPARED:
         raise StageError("calibrate(): this graph is already calibrated; call prepare() again to start over.")
-    was_training = qat.training
-    saved = _quantizer_state(qat)
-    observe_only(qat)
-    qat.eval()
-    runner = CheckedInterpreter(qat, what="calibrate")
-    seen = 0
-    try:
-        with torch.no_grad():
-            for args in iter_batches(batches, qat, what="calibrate()"):
-                runner.run(*args)
-                seen += 1
-        if distributed.sum_int(seen) == 0:
-            raise CalibrationError("calibrate(): the batches were empty; give at least one batch of real inputs.")
-        if distributed.sum_int(int(seen == 0)):
-            raise CalibrationError("calibrate(): some rank got no batch; give every rank a non-empty shard.")
-        distributed.reduce_observers(qat)  # no-op unless torch.distributed is initialized
-    except BaseException:
-        _restore_quantizer_state(qat, saved)  # a failed call leaves the graph as it was
-        raise
-    finally:
-        qat.train(was_training)
-    freeze_quantizers(qat)
+    seen = run_calibration(qat, batches)
     meta.update_graph_info(qat, stage=meta.Stage.CALIBRATED)
     log.info("calibrated on %d batches", seen)
     return seen
 
 
-def _quantizer_state(qat: fx.GraphModule) -> dict:
-    return {
-        name: (copy.deepcopy(m.state_dict()), m._observe, m._fake_quant)
-        for name, m in qat.named_modules() if isinstance(m, FakeQuantize)
-    }
-
-
-def _restore_quantizer_state(qat: fx.GraphModule, saved: dict) -> None:
-    for name, (state, observe, fake_quant) in saved.items():
-        m = qat.get_submodule(name)
-        m.load_state_dict(state)
-        m.enable_observer(observe)
-        m.enable_fake_quant(fake_quant)
-
-
 def measure_error(qat: fx.GraphModule, batches: Iterable) -> ErrorReport:
     """Isolated and propagated error of every quantized node, streamed over ``batches``."""
     info = require(qat, meta.Stage.CALIBRATED, "measure_error")
-    was_training = qat.training
-    qat.eval()
-    recorder = ErrorRecorder(qat)
-    seen = samples = 0
-    try:
-        with torch.no_grad():
-            for args in iter_batches(batches, qat, what="measure_error()"):
-                recorder.run(*args)
-                seen += 1
-                samples += int(args[0].shape[0]) if args[0].dim() else 1
-    finally:
-        qat.train(was_training)
-    seen, samples = distributed.sum_int(seen), distributed.sum_int(samples)
-    if seen == 0:
-        raise CalibrationError("measure_error(): the batches were empty; give at least one batch.")
-    distributed.reduce_running(recorder.isolated)  # no-ops unless torch.distributed is initialized
-    distributed.reduce_running(recorder.propagated)
-    rows = []
-    for node, ninfo in meta.quantized_nodes(qat):
-        iso, prop = recorder.isolated[node.name].result(), recorder.propagated[node.name].result()
-        meta.update_node_info(node, isolated=iso, propagated=prop)
-        rows.append(ErrorRow(node.name, ninfo.source, ninfo.module_type, ninfo.params, iso, prop))
+    report = measure(qat, batches, graph_id=info.graph_id)
     if info.stage < meta.Stage.MEASURED:
         meta.update_graph_info(qat, stage=meta.Stage.MEASURED)
-    return ErrorReport(rows=tuple(rows), graph_id=info.graph_id, batches=seen, samples=samples)
+    return report
 
 
 def select_trainable(
@@ -192,22 +134,11 @@ def apply_selection(
 ) -> Selection:
     """Mark ``trainable`` (node names) trainable, freeze the rest, and describe the result."""
     info = require(qat, meta.Stage.CALIBRATED, "apply_selection")
-    mark_trainable(qat, trainable=frozenset(trainable), bn_stats=bn_stats, float_params=float_params)
-    nodes = list(meta.quantized_nodes(qat))
-    trainable = {n.name for n, i in nodes if i.trainable}  # tied weights train together
+    selection = mark_selection(qat, trainable, policy=policy, bn_stats=bn_stats, float_params=float_params,
+                               theta=theta, graph_id=info.graph_id)
     if info.stage < meta.Stage.SELECTED:
         meta.update_graph_info(qat, stage=meta.Stage.SELECTED)
-    return Selection(
-        trainable=tuple(n.name for n, _ in nodes if n.name in trainable),
-        frozen=tuple(n.name for n, _ in nodes if n.name not in trainable),
-        trainable_params=sum(p.numel() for p in qat.parameters() if p.requires_grad),
-        total_params=sum(p.numel() for p in qat.parameters()),
-        policy=policy,
-        graph_id=info.graph_id,
-        sources={n.name: i.source for n, i in nodes},
-        theta=theta,
-        fingerprint=meta.fingerprint(qat),
-    )
+    return selection
 
 
 def reapply_selection(

@@ -13,6 +13,11 @@ import math
 import random
 from collections.abc import Sequence
 
+import torch.fx as fx
+
+from fxptqat.passes.mark_trainable import mark_trainable
+
+from . import meta
 from .config import _choice, check_finite, strict_options
 from .errors import ConfigError, InputError
 from .report import ErrorRow
@@ -228,3 +233,25 @@ class Selection:
             return cls(**data)
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"Selection.from_json: not a Selection document ({e}).") from e
+
+
+def mark_selection(
+    qat: fx.GraphModule, trainable: set[str], *, policy: str, bn_stats: str, float_params: str,
+    theta: float | None, graph_id: str,
+) -> Selection:
+    """Mark ``trainable`` (node names) trainable, freeze the rest (passes/mark_trainable.py), and
+    describe the result; nodes with tied weights train together."""
+    mark_trainable(qat, trainable=frozenset(trainable), bn_stats=bn_stats, float_params=float_params)
+    nodes = list(meta.quantized_nodes(qat))
+    trainable = {n.name for n, i in nodes if i.trainable}
+    return Selection(
+        trainable=tuple(n.name for n, _ in nodes if n.name in trainable),
+        frozen=tuple(n.name for n, _ in nodes if n.name not in trainable),
+        trainable_params=sum(p.numel() for p in qat.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in qat.parameters()),
+        policy=policy,
+        graph_id=graph_id,
+        sources={n.name: i.source for n, i in nodes},
+        theta=theta,
+        fingerprint=meta.fingerprint(qat),
+    )

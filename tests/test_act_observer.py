@@ -20,10 +20,10 @@ from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, Pe
 
 import fxptqat as fq
 from fxptqat import meta
+from fxptqat.capture.qconfig import LogHistogramObserver
 from fxptqat.config import ACT_OBSERVERS
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.lowering import reference
-from fxptqat.capture.qconfig import LogHistogramObserver
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))
