@@ -56,7 +56,13 @@ def _check_finite(node: fx.Node, value, path: str) -> None:
 
 
 class CheckedInterpreter(fx.Interpreter):
-    """Runs a graph; failures name the node; optionally rejects non-finite values."""
+    """Runs a graph; failures name the node; optionally rejects non-finite values.
+
+    A node that fails is reported as ``error`` (InputError by default: the inputs do not fit the
+    graph) unless the inputs have the example inputs' shapes and dtypes: then the failure is not the
+    data's fault, and the original exception propagates with the node's context added as a note
+    (as torch.fx.Interpreter does), so a bug in fxptqat or in the model is not blamed on the user.
+    """
 
     _INPUT_HINT = "Check that the inputs have the shapes and dtypes of the example inputs given to prepare()."
 
@@ -66,6 +72,13 @@ class CheckedInterpreter(fx.Interpreter):
         self.check_finite = check_finite
         self.what = what
         self.error, self.hint = error, hint
+        self._blame_inputs = True
+
+    def run(self, *args, **kwargs):
+        info = meta.graph_info(self.module)
+        known = info.inputs if info is not None and self.error is InputError else ()
+        self._blame_inputs = not known or not _fits(args, known)
+        return super().run(*args, **kwargs)
 
     def run_node(self, n: fx.Node):
         try:
@@ -73,10 +86,22 @@ class CheckedInterpreter(fx.Interpreter):
         except FxptqatError:
             raise
         except Exception as e:
+            if not self._blame_inputs:
+                e.add_note(f"fxptqat {self.what}: raised at {_where(n)}, on inputs shaped like the example "
+                           "inputs (please report it to fxptqat if the float model runs them)")
+                raise
             raise self.error(f"{self.what}: {_where(n)} failed: {type(e).__name__}: {e}. {self.hint}") from e
         if self.check_finite:
             _check_finite(n, value, self.what)
         return value
+
+
+def _fits(args: tuple, known: tuple) -> bool:
+    """The batch's tensors have the example inputs' shapes (but the batch size) and dtypes."""
+    if len(args) != len(known):
+        return False
+    return all(isinstance(a, torch.Tensor) and tuple(a.shape[1:]) == tuple(shape) and str(a.dtype) == dtype
+               for a, (shape, dtype) in zip(args, known, strict=True))
 
 
 class _Pair:
@@ -120,10 +145,14 @@ class ErrorRecorder(CheckedInterpreter):
     def run_node(self, n: fx.Node):
         try:
             pair = self._run_pair(n)
-        except (CalibrationError, InputError):
+        except FxptqatError:
             raise
         except Exception as e:
-            raise InputError(f"measure_error: {_where(n)} failed: {type(e).__name__}: {e}.") from e
+            if not self._blame_inputs:
+                e.add_note(f"fxptqat measure_error: raised at {_where(n)}, on inputs shaped like the example "
+                           "inputs (please report it to fxptqat if the float model runs them)")
+                raise
+            raise InputError(f"measure_error: {_where(n)} failed: {type(e).__name__}: {e}. {self.hint}") from e
         _check_finite(n, pair.f, "measure_error (float network)")
         _check_finite(n, pair.q, "measure_error (quantized network)")
         owner = self.observe_at.get(n.name)

@@ -80,9 +80,12 @@ class NodeInfo:
 
 @dataclasses.dataclass(frozen=True)
 class GraphInfo:
+    """Per graph. inputs: (shape without the batch dimension, dtype) of each example input."""
+
     stage: Stage
     config: QuantConfig
     graph_id: str
+    inputs: tuple[tuple[tuple[int, ...], str], ...] = ()
 
 
 def node_info(node: fx.Node) -> NodeInfo | None:

@@ -486,3 +486,20 @@ def test_check_parity_rejects_non_graph_int8_and_bad_tolerance(mlp, calibrated):
         fq.check_parity(calibrated, mlp, [X])
     with pytest.raises(fq.ConfigError, match="tolerance_lsb"):
         fq.check_parity(calibrated, calibrated, [X], tolerance_lsb=-1.0)
+
+
+def test_a_failure_on_well_shaped_inputs_keeps_its_type_and_gains_the_node(prepared, monkeypatch):
+    # our own bug (here: a quantizer that raises) must not be reported as the user's bad input
+    from fxptqat.fake_quantize import FakeQuantize
+
+    def broken(self, x):
+        raise ValueError("a bug inside a quantizer")
+
+    monkeypatch.setattr(FakeQuantize, "forward", broken)
+    with pytest.raises(ValueError, match="a bug inside a quantizer") as info:
+        fq.calibrate(prepared, [X])
+    assert not isinstance(info.value, fq.FxptqatError)
+    assert any("fxptqat calibrate: raised at node" in note for note in info.value.__notes__)
+    monkeypatch.undo()
+    assert stage_of(prepared).name == "PREPARED"  # and the graph is as it was
+    fq.calibrate(prepared, [X])

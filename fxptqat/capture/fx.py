@@ -16,6 +16,7 @@ from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.split_shared_modules import split_shared_modules
 
+from .. import meta
 from ..config import QuantConfig
 from ..interpreter import CheckedInterpreter
 from .tracing import graph_inputs, trace
@@ -41,5 +42,6 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     if config.weighted_only:
         drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
     fit_observers_to_clamps(gm)
+    meta.update_graph_info(gm, inputs=tuple((tuple(x.shape[1:]), str(x.dtype)) for x in example_inputs))
     gm.graph.lint()
     return gm.eval()
