@@ -18,6 +18,7 @@ from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModu
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["clamp_int_weights"]
+REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
 
 def clamp_int_weights(gm: fx.GraphModule, /, *, qmin: int, qmax: int) -> PassResult:

@@ -17,6 +17,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxptqat.passes.fit_observers_to_clamps import clamp_range
 
 __all__ = ["drop_noop_clamps"]
+REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
 _QMIN, _QMAX = 0, 255  # torch.ao's quantized modules output quint8 here (activations are unsigned)
 

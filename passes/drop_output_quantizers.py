@@ -39,6 +39,7 @@ from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
 
 __all__ = ["drop_output_quantizers"]
+REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
 
 _FUSED_RELU = (nniqat.LinearReLU, nniqat.ConvReLU1d, nniqat.ConvReLU2d, nniqat.ConvReLU3d,
                nniqat.ConvBnReLU1d, nniqat.ConvBnReLU2d, nniqat.ConvBnReLU3d)

@@ -27,6 +27,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxptqat.fake_quantize import FakeQuantize
 
 __all__ = ["fit_observers_to_clamps", "clamp_range"]
+REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
 
 
 def _number(v) -> float | None:

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["float_scalar_ops"]
+REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
 _FLOAT_OP = {torch.ops.quantized.add: operator.add, torch.ops.quantized.mul: operator.mul}
 

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["fold_parameter_metadata"]
+REQUIRES = "float"  # the graph it acts on (see passes/__init__.py)
 
 _FOLDED = ("device", "dtype", "shape")
 

@@ -8,6 +8,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxptqat.fake_quantize import FakeQuantize
 
 __all__ = ["freeze_quantizers", "observe_only"]
+REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
 
 
 def freeze_quantizers(gm: fx.GraphModule, /) -> PassResult:

@@ -28,6 +28,7 @@ from fxptqat.config import QuantConfig
 from fxptqat.errors import TraceError
 
 __all__ = ["insert_fake_quant"]
+REQUIRES = "float"  # the graph it acts on (see passes/__init__.py)
 
 log = logging.getLogger(__name__)
 _FLOAT_WEIGHTED = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)

@@ -21,6 +21,7 @@ from fxptqat.capture import set_bn_frozen
 from fxptqat.errors import ConfigError, SelectionError
 
 __all__ = ["mark_trainable", "BN_STATS", "FLOAT_PARAMS"]
+REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
 
 BN_STATS = ("frozen", "train")
 FLOAT_PARAMS = ("frozen", "train")

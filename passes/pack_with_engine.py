@@ -35,6 +35,7 @@ from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["pack_with_engine", "engine_available", "packed_with", "may_saturate", "CONVS", "LINEARS", "ENGINES"]
+REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
 ENGINES = ("onednn", "qnnpack")
 CONVS = (

@@ -20,6 +20,7 @@ from torch.ao.nn.quantized import PReLU as QuantizedPReLU
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["replace_quantized_prelu", "DequantizedPReLU"]
+REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
 
 class DequantizedPReLU(nn.Module):

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 __all__ = ["split_shared_modules"]
+REQUIRES = "float"  # the graph it acts on (see passes/__init__.py)
 
 
 def _tied_copy(module: nn.Module) -> nn.Module:

@@ -43,3 +43,4 @@ def test_frozen_scale_matches_observed_range():
     first = qat.get_submodule("activation_post_process_0")  # quantizes the input itself
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     assert abs(float(first.scale) - (hi - lo) / 255) < 1e-6
+
