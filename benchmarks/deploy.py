@@ -488,12 +488,10 @@ def memory_child(spec: dict) -> dict:
 
 def _release() -> None:
     """Drop what earlier builds left behind, so that it is in the next ``base``, not counted twice."""
-    with contextlib.suppress(ImportError, AttributeError):
-        # torch.ao's assert_and_get_unique_device is an unbounded functools.cache keyed by module:
-        # every module prepared or converted stays alive through it (see the issue note).
-        from torch.ao.quantization.fx.utils import assert_and_get_unique_device
+    # torch.ao's device cache keeps every module fxptqat prepared or converted alive
+    from fxptqat.workarounds import release_device_cache
 
-        assert_and_get_unique_device.cache_clear()
+    release_device_cache()
     with contextlib.suppress(Exception):
         torch._dynamo.reset()
     _trim()

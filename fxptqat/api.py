@@ -6,7 +6,6 @@ inputs at the boundary and raises a typed :class:`fxptqat.FxptqatError`.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -14,25 +13,14 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxptqat.passes.clamp_int_weights import clamp_int_weights
-from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
-from fxptqat.passes.float_scalar_ops import float_scalar_ops
-from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine
-from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
-
-from . import meta
+from . import lowering, meta
 from .calibration import run_calibration
 from .capture import capture_fx
 from .capture.tracing import trace
 from .config import QuantConfig, check_finite
-from .errors import ConfigError, InputError, LoweringError, SelectionError, StageError
-from .fake_quantize import FakeQuantize
+from .errors import ConfigError, InputError, SelectionError, StageError
 from .finetune import finetune
-from .graph_match import match_nodes, output_quantizer
 from .inputs import as_args
-from .lowering import convert, exact_u8s8_kernels, quantized_engine, reference, x86_routes_to_fbgemm
-from .lowering_inductor import InductorModule, compile_inductor
-from .lowering_onnx import OnnxRuntimeModule, export_onnx
 from .measure import measure
 from .parity import ParityReport, compare
 from .report import ErrorReport
@@ -166,9 +154,6 @@ def reapply_selection(
     )
 
 
-RUNTIMES = ("torch", "onnxruntime", "inductor")
-
-
 def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, threads: int | None = None):
     """The INT8 model computing what the fake-quant graph simulated.
 
@@ -176,95 +161,14 @@ def lower(qat: fx.GraphModule, *, runtime: str = "torch", example_inputs=None, t
     eager CPU kernels; not for ``QuantConfig(quantized_ops="weighted")`` (``LoweringError``).
     The other runtimes take torch.ao's *reference* graph (the same scales and zero points as
     decomposed quantize/dequantize ops) and need ``example_inputs``:
-    ``"onnxruntime"``: an :class:`~fxptqat.lowering_onnx.OnnxRuntimeModule` (ONNX QDQ model with
+    ``"onnxruntime"``: an :class:`~fxptqat.lowering.OnnxRuntimeModule` (ONNX QDQ model with
     int8 weights; ``threads`` sets its intra-op threads, default ``torch.get_num_threads()``;
-    needs ``fxptqat[onnx]``); ``"inductor"``: an :class:`~fxptqat.lowering_inductor.InductorModule`
+    needs ``fxptqat[onnx]``); ``"inductor"``: an :class:`~fxptqat.lowering.InductorModule`
     (``torch.compile`` with weight freezing; each new input shape compiles once).
+    Each runtime validates the options it owns (:mod:`fxptqat.lowering.registry`).
     """
     info = require(qat, meta.Stage.CALIBRATED, "lower")
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"lower(): runtime must be one of {RUNTIMES}, got {runtime!r}.")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"lower(): threads must be a positive int or None, got {threads!r}.")
-    if threads is not None and runtime != "onnxruntime":
-        raise ConfigError("lower(): threads only applies to runtime='onnxruntime'.")
-    if runtime == "torch" and example_inputs is not None:
-        raise ConfigError("lower(): example_inputs only apply to runtime='onnxruntime' or 'inductor'.")
-    config = info.config
-    qmin, qmax = config.weight_qrange
-    if runtime != "torch":
-        args = () if example_inputs is None else as_args(example_inputs, what="lower(example_inputs=...)")
-        ref = reference(qat, config)
-        clamp_int_weights(ref, qmin=qmin, qmax=qmax)
-        if runtime == "inductor":
-            if args:  # without them compile_inductor says what is missing first
-                _refuse_saturating_kernels(config)
-            return compile_inductor(ref, args)
-        return export_onnx(ref, args, threads=threads or torch.get_num_threads(),
-                           uint8_weights=not exact_u8s8_kernels())
-    if config.weighted_only:
-        raise LoweringError(
-            "lower(runtime='torch') does not take QuantConfig(quantized_ops='weighted'): that recipe keeps "
-            "float ops (and the conv/linear outputs only they read) between quantized layers, which torch.ao's "
-            "convert_fx lowers unreliably (quantized tensors reach float ops) and runs as float reference "
-            "modules. Lower it with runtime='inductor' or runtime='onnxruntime' (example_inputs=...), or "
-            "prepare with quantized_ops='all' for runtime='torch'."
-        )
-    int8 = convert(qat, config)
-    with quantized_engine(config.engine):  # clamping repacks weights: for the engine converted for
-        clamp_int_weights(int8, qmin=qmin, qmax=qmax)
-    _pin_exact_kernels(int8, config)
-    float_scalar_ops(int8, grids=_output_grids(qat, int8))
-    replace_quantized_prelu(int8, float_modules=dict(qat.named_modules()))
-    drop_noop_clamps(int8)
-    return int8
-
-
-def _output_grids(qat: fx.GraphModule, int8: fx.GraphModule) -> dict[str, tuple[float, int]]:
-    """Lowered op name -> (scale, zero point) of the fake-quant quantizer after the op it computes."""
-    grids = {}
-    for name, node in match_nodes(qat, int8).items():
-        quantizer = output_quantizer(qat, node)
-        if quantizer is not None:
-            module = qat.get_submodule(quantizer.target)
-            if isinstance(module, FakeQuantize) and module.scale.numel() == 1:
-                grids[name] = (float(module.scale), int(module.zero_point))
-    return grids
-
-
-def _refuse_saturating_kernels(config: QuantConfig) -> None:
-    """inductor lowers to oneDNN's u8 x s8 kernels, which have no exact path without AVX-512 VNNI."""
-    if exact_u8s8_kernels() or config.act_bits is None:
-        return
-    if 2 * config.act_qrange[1] * config.weight_qrange[1] > 2**15 - 1:
-        raise LoweringError(
-            f"lower(runtime='inductor'): this CPU has no AVX-512 VNNI, so oneDNN's INT8 kernels add pairs of "
-            f"products in 16 bits and saturate with {config.weight_bits}-bit weights on full-range activations: "
-            "the compiled model would not compute what fake-quant simulated. Prepare with "
-            "QuantConfig(reduce_range=True) or weight_bits<=7, or lower with runtime='torch' or 'onnxruntime' "
-            "(both run exact kernels here)."
-        )
-
-
-def _pin_exact_kernels(int8: fx.GraphModule, config: QuantConfig) -> None:
-    """Move modules off kernels that would not compute what fake-quant simulated
-    (``passes/pack_with_engine.py`` says which and why)."""
-    if config.engine not in ("x86", "fbgemm") or config.act_bits is None:  # weight-only: float kernels
-        return
-    if not exact_u8s8_kernels():
-        codes = config.act_qrange[1]
-        if not any(may_saturate(m, act_codes=codes) for m in int8.modules()):
-            return
-        if not engine_available("qnnpack"):
-            raise LoweringError(
-                "lower(): this CPU has no AVX-512 VNNI, so fbgemm's and oneDNN's INT8 kernels add pairs of "
-                "products in 16 bits and saturate with 8-bit weights on full-range activations, and this torch "
-                "has no qnnpack engine to run them exactly. Prepare with QuantConfig(reduce_range=True) or "
-                "weight_bits<=7."
-            )
-        pack_with_engine(int8, engine="qnnpack", select=lambda m: may_saturate(m, act_codes=codes))
-    elif config.engine == "x86" and engine_available("onednn"):
-        pack_with_engine(int8, engine="onednn", select=x86_routes_to_fbgemm)
+    return lowering.lower(qat, info.config, runtime=runtime, example_inputs=example_inputs, threads=threads)
 
 
 def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb: float = 1.0) -> ParityReport:
@@ -274,23 +178,17 @@ def check_parity(qat: fx.GraphModule, int8, batches: Iterable, *, tolerance_lsb:
     were made from, and the network output is the lowered model's (an inductor model compiles
     once more for a batch shape it has not seen).
     """
-    require(qat, meta.Stage.CALIBRATED, "check_parity")
+    info = require(qat, meta.Stage.CALIBRATED, "check_parity")
     tolerance_lsb = check_finite("check_parity", "tolerance_lsb", tolerance_lsb, minimum=0.0)
-    if isinstance(int8, (OnnxRuntimeModule, InductorModule)):
-        run, int8 = int8, int8.reference
-    elif isinstance(int8, fx.GraphModule):
-        run = None
-    else:
+    lowered = lowering.describe(int8)
+    if lowered is None:
         raise InputError(f"check_parity(): int8 must be what lower() returned, got {type(int8).__name__}.")
-    # On a copy: oneDNN keeps the primitive built for the first batch shape it sees, so a parity
-    # run at one batch size would slow the user's model down at another (measured: batch 1 2x
-    # slower after a batch-8 check). The copy repacks weights, under the engine lowered for.
-    with quantized_engine(meta.graph_info(qat).config.engine):
-        int8 = copy.deepcopy(int8)
+    graph = lowered.graph_copy(info.config.engine)  # on a copy: the user's model keeps its kernel caches
     was_training = qat.training
     qat.eval()
     try:
         with torch.no_grad():
-            return compare(qat, int8, batches, tolerance_lsb=tolerance_lsb, run=run)
+            return compare(qat, graph, batches, tolerance_lsb=tolerance_lsb,
+                           run=None if lowered.runs_graph else lowered.model)
     finally:
         qat.train(was_training)

@@ -17,7 +17,6 @@ import torch.fx as fx
 from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.backend_config import ObservationType
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-from torch.ao.quantization.fx.utils import assert_and_get_unique_device
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
@@ -26,6 +25,7 @@ from fxptqat import meta
 from fxptqat.capture.qconfig import backend_config, qconfig_mapping
 from fxptqat.config import QuantConfig
 from fxptqat.errors import TraceError
+from fxptqat.workarounds import release_device_cache
 
 __all__ = ["insert_fake_quant"]
 REQUIRES = "float"  # the graph it acts on (see passes/__init__.py)
@@ -59,9 +59,7 @@ def insert_fake_quant(
             "If a submodule cannot be traced or quantized, list it in QuantConfig(leaf_modules=...)."
         ) from e
     finally:
-        # torch.ao memoizes this per module (functools.cache): the cache would keep every model
-        # ever prepared, and its weights, alive.
-        assert_and_get_unique_device.cache_clear()
+        release_device_cache()  # else torch.ao's cache keeps every model ever prepared alive
     _transplant(prepared, into=gm)
     _fold_zero_gamma_exactly(gm)
     gm.train(was_training)

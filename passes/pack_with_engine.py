@@ -15,97 +15,30 @@ fake-quant simulated, and this pass moves the modules that would hit them to an 
   bits before multiplying and accumulates exactly (0 steps): :func:`may_saturate` picks the
   modules that need it.
 
-The pass swaps each selected module's class (a linear's packed-params holder) for a subclass
-whose ``set_weight_bias`` always packs under ``engine``, then repacks the weights. The choice
-therefore survives copies and reloads, and the module runs that engine's kernel whatever engine is
-global at run time. A module already pinned is left alone (``modified`` is False on a second run).
+The pass pins each selected module with :func:`fxptqat.workarounds.pin_packing_engine` (torch
+packs for the *global* engine on every copy and reload, so the module's packing class is swapped
+for one that always packs under ``engine``). The choice therefore survives copies and reloads, and
+the module runs that engine's kernel whatever engine is global at run time. A module already pinned
+is left alone (``modified`` is False on a second run).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
-import torch.ao.nn.intrinsic.quantized as nniq
-import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn as nn
-from torch.ao.nn.quantized.modules.linear import LinearPackedParams
 from torch.fx.passes.infra.pass_base import PassResult
+
+from fxptqat.workarounds import CONVS, ENGINES, LINEARS, may_saturate, packed_with, pin_packing_engine
 
 __all__ = ["pack_with_engine", "engine_available", "packed_with", "may_saturate", "CONVS", "LINEARS", "ENGINES"]
 REQUIRES = "int8"  # the graph it acts on (see passes/__init__.py)
 
-ENGINES = ("onednn", "qnnpack")
-CONVS = (
-    nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d,
-    nniq.ConvAdd2d, nniq.ConvAddReLU2d,
-)
-LINEARS = (nnq.Linear, nniq.LinearReLU)
-_INT16_MAX = 2**15 - 1
-
 
 def engine_available(engine: str) -> bool:
     return engine in torch.backends.quantized.supported_engines
-
-
-class _Pinned:
-    """Mixin: weights are (re)packed under ``_engine``, whichever engine is global."""
-
-    _engine: str
-
-    def set_weight_bias(self, *args, **kwargs):
-        previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = self._engine
-        try:
-            return super().set_weight_bias(*args, **kwargs)
-        finally:
-            torch.backends.quantized.engine = previous
-
-
-class _PinnedLinearParams(_Pinned):
-    """A linear's packed params are a TorchScript object that ``copy.deepcopy`` repacks under the
-    *global* engine (its ``__setstate__``): copy the rest, then repack through ``set_weight_bias``."""
-
-    def __deepcopy__(self, memo):
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_packed_params"})
-        new.set_weight_bias(*self._weight_bias())
-        return new
-
-
-def _pinned_class(cls: type, engine: str) -> type:
-    # Defined at import under a module-level name, so pickling finds the class.
-    name = f"{engine.capitalize()}{cls.__name__}"
-    mixin = _PinnedLinearParams if cls is LinearPackedParams else _Pinned
-    pinned = type(name, (mixin, cls), {"__module__": __name__, "_engine": engine})
-    globals()[name] = pinned
-    return pinned
-
-
-_PINNED = {(cls, e): _pinned_class(cls, e) for e in ENGINES for cls in (*CONVS, LinearPackedParams)}
-
-
-def _holder(module: nn.Module):
-    return module._packed_params if isinstance(module, LINEARS) else module
-
-
-def packed_with(module: nn.Module) -> str | None:
-    """The engine ``module`` (a quantized conv or linear) is pinned to, or None."""
-    return getattr(_holder(module), "_engine", None)
-
-
-def may_saturate(module: nn.Module, *, act_codes: int = 255) -> bool:
-    """Whether a u8 x s8 kernel that adds product pairs in int16 can saturate on this module: some
-    pair of integer weights times full-range activation codes (0..``act_codes``) exceeds int16."""
-    if type(module) not in (*CONVS, *LINEARS):
-        return False
-    weight = module.weight()
-    if not weight.is_quantized:
-        return False
-    return 2 * act_codes * int(weight.int_repr().abs().max()) > _INT16_MAX
 
 
 def pack_with_engine(gm: fx.GraphModule, /, *, engine: str, select: Callable[[nn.Module], bool]) -> PassResult:
@@ -119,9 +52,6 @@ def pack_with_engine(gm: fx.GraphModule, /, *, engine: str, select: Callable[[nn
     for module in gm.modules():
         if type(module) not in (*CONVS, *LINEARS) or packed_with(module) is not None or not select(module):
             continue
-        holder = _holder(module)
-        weight, bias = module.weight(), module.bias()
-        holder.__class__ = _PINNED[(type(holder), engine)]
-        module.set_weight_bias(weight, bias)
+        pin_packing_engine(module, engine)
         modified = True
     return PassResult(gm, modified)

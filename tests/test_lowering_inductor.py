@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 import fxptqat as fq
 from fxptqat.lowering import exact_u8s8_kernels
-from fxptqat.lowering_inductor import InductorModule
+from fxptqat.lowering.inductor import InductorModule
 from fxptqat.testing import traceable_models, weight_bits
 
 from conftest import same_state, state_of

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat.errors import ConfigError, LoweringError
-from fxptqat.lowering_onnx import OnnxRuntimeModule, export_onnx, fold_weight_quantization, weights_to_uint8
+from fxptqat.lowering.onnx import OnnxRuntimeModule, export_onnx, fold_weight_quantization, weights_to_uint8
 from fxptqat.testing import traceable_models, weight_bits
 
 from conftest import same_state, state_of

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.lowering import convert
+from fxptqat.lowering.torch import output_grids
 from fxptqat.passes.float_scalar_ops import float_scalar_ops
 
 
@@ -39,9 +40,7 @@ def test_scalar_ops_run_in_float_onto_the_fake_quant_grid():
     assert len(_scalar_ops(int8)) == 2
     before = fq.check_parity(qat, int8, [x])
     assert before.output_mean_abs > 0  # torch.ao's add_scalar rounds the constant to the input grid
-    from fxptqat.api import _output_grids
-
-    result = float_scalar_ops(int8, grids=_output_grids(qat, int8))
+    result = float_scalar_ops(int8, grids=output_grids(qat, int8))
     assert result.modified is True and result.graph_module is int8
     int8.graph.lint()
     assert _scalar_ops(int8) == []
@@ -49,7 +48,7 @@ def test_scalar_ops_run_in_float_onto_the_fake_quant_grid():
     assert after.ok and after.coverage == 1.0, after.table()
     assert after.output_max_abs == 0.0 < before.output_max_abs, (before.table(), after.table())
     code = int8.code
-    assert float_scalar_ops(int8, grids=_output_grids(qat, int8)).modified is False and int8.code == code
+    assert float_scalar_ops(int8, grids=output_grids(qat, int8)).modified is False and int8.code == code
 
 
 def test_an_op_without_a_grid_is_left_alone():

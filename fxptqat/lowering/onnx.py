@@ -1,4 +1,4 @@
-"""Second lowering: the fake-quant graph as an ONNX QDQ model run by onnxruntime.
+"""runtime="onnxruntime": the fake-quant graph as an ONNX QDQ model run by onnxruntime.
 
 torch.ao's quantized CPU kernels pay a fixed cost per call (about 20 us per conv here), which
 dominates at batch 1. This lowering exports the *reference* graph -- torch.ao's decomposed
@@ -7,22 +7,25 @@ zero points as the fake-quant graph -- to ONNX QuantizeLinear/DequantizeLinear, 
 weight as an int8 initializer (the weight quantize + clamp chains are folded), and lets
 onnxruntime fuse each DQ -> op -> Q into its integer kernels (QLinearConv, MatMulInteger, ...).
 
-Only this module imports ``onnx`` and ``onnxruntime``; both are optional (``pip install
-fxptqat[onnx]``).
+Only this module imports ``onnx``, ``onnxruntime`` and ``numpy``, when a model is lowered: all are
+optional (``pip install fxptqat[onnx]``).
 """
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import LoweringError
+from ..config import QuantConfig
+from ..errors import ConfigError, LoweringError
+from ..workarounds import exact_u8s8_kernels
+from .base import EXAMPLE_INPUTS, Option, Runtime
+from .reference import reference
 
-__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "weights_to_uint8"]
+__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "weights_to_uint8", "RUNTIME"]
 
 _FOLDABLE = ("QuantizeLinear", "Clip", "Cast")
 
@@ -47,6 +50,7 @@ def fold_weight_quantization(model) -> int:
     the float one is dropped, so the file holds 1 byte per weight.
     """
     onnx, _ = _import()
+    import numpy as np
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
@@ -79,6 +83,7 @@ def weights_to_uint8(model) -> int:
     bits (``vpmaddubsw``) and saturate on 8-bit weights with full-range activations; its u8 x u8
     kernels do not (onnxruntime's quantization guide recommends U8U8 there)."""
     onnx, _ = _import()
+    import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
@@ -111,6 +116,8 @@ class OnnxRuntimeModule(nn.Module):
     ``reference`` is the torch.ao reference GraphModule that was exported; :func:`fxptqat.check_parity`
     compares it node by node with the fake-quant graph and this module end to end.
     """
+
+    runtime = "onnxruntime"
 
     def __init__(self, model_bytes: bytes, reference: fx.GraphModule, *, threads: int) -> None:
         super().__init__()
@@ -165,14 +172,18 @@ class OnnxRuntimeModule(nn.Module):
         self._start()
 
 
+def _check_inputs(example_inputs: tuple) -> None:
+    if not example_inputs or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in example_inputs):
+        raise LoweringError("lower(runtime='onnxruntime') needs example_inputs: a tuple of batched tensors.")
+
+
 def export_onnx(
     reference: fx.GraphModule, example_inputs: tuple, *, threads: int, uint8_weights: bool = False
 ) -> OnnxRuntimeModule:
     """Export ``reference`` (batch dimension dynamic) and open it with onnxruntime; ``uint8_weights``:
     see :func:`weights_to_uint8`."""
     onnx, _ = _import()
-    if not example_inputs or not all(isinstance(a, torch.Tensor) and a.dim() >= 1 for a in example_inputs):
-        raise LoweringError("lower(runtime='onnxruntime') needs example_inputs: a tuple of batched tensors.")
+    _check_inputs(example_inputs)
     # torch.export specializes sizes 0 and 1: export at batch 2 so the batch stays symbolic
     args = tuple(a[:1].expand(2, *a.shape[1:]).contiguous() for a in example_inputs)
     batch = torch.export.Dim("batch", min=1)
@@ -191,3 +202,22 @@ def export_onnx(
         node.doc_string = ""
     onnx.checker.check_model(model)
     return OnnxRuntimeModule(model.SerializeToString(), reference, threads=threads)
+
+
+def _threads(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"lower(): threads must be a positive int or None, got {value!r}.")
+    return value
+
+
+def lower(qat: fx.GraphModule, config: QuantConfig, *, example_inputs: tuple = (),
+          threads: int | None = None) -> OnnxRuntimeModule:
+    """``threads``: onnxruntime's intra-op threads, default ``torch.get_num_threads()``. Weights are
+    stored as uint8 on CPUs whose u8 x s8 kernels saturate (:func:`weights_to_uint8`)."""
+    _import()  # before the conversion: a missing package is said first
+    _check_inputs(example_inputs)
+    return export_onnx(reference(qat, config), example_inputs, threads=threads or torch.get_num_threads(),
+                       uint8_weights=not exact_u8s8_kernels())
+
+
+RUNTIME = Runtime("onnxruntime", lower, options=(EXAMPLE_INPUTS, Option("threads", _threads)))

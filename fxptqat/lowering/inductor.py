@@ -1,6 +1,6 @@
-"""Third lowering: the reference QDQ graph compiled by torch.compile (inductor, weight freezing).
+"""runtime="inductor": the reference QDQ graph compiled by torch.compile (inductor, weight freezing).
 
-The reference graph (see :func:`fxptqat.lowering.reference`) carries the fake-quant graph's scales
+The reference graph (see :mod:`fxptqat.lowering.reference`) carries the fake-quant graph's scales
 and zero points as decomposed ``quantize_per_tensor``/``dequantize_per_tensor`` ops around float
 ops. With ``freezing`` inductor folds each weight's quantize/dequantize into an int8 constant,
 matches ``dequantize -> conv/linear -> quantize`` into oneDNN's integer kernels and fuses the
@@ -20,9 +20,13 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 
-from .errors import LoweringError
+from ..config import QuantConfig
+from ..errors import LoweringError
+from ..workarounds import refuse_saturating_kernels
+from .base import EXAMPLE_INPUTS, Runtime
+from .reference import reference
 
-__all__ = ["InductorModule", "compile_inductor"]
+__all__ = ["InductorModule", "compile_inductor", "RUNTIME"]
 
 
 class InductorModule(nn.Module):
@@ -32,6 +36,8 @@ class InductorModule(nn.Module):
     lowering fails on dynamic shapes in torch 2.13); ``reference`` is what
     :func:`fxptqat.check_parity` compares node by node.
     """
+
+    runtime = "inductor"
 
     def __init__(self, reference: fx.GraphModule) -> None:
         super().__init__()
@@ -59,13 +65,27 @@ class InductorModule(nn.Module):
         return buffer.tell()
 
 
-def compile_inductor(reference: fx.GraphModule, example_inputs: tuple) -> InductorModule:
-    """Compile for ``example_inputs``' shapes now, so that a failure surfaces here."""
+def _check_inputs(example_inputs: tuple) -> None:
     if not example_inputs or not all(isinstance(a, torch.Tensor) for a in example_inputs):
         raise LoweringError("lower(runtime='inductor') needs example_inputs: a tuple of tensors.")
+
+
+def compile_inductor(reference: fx.GraphModule, example_inputs: tuple) -> InductorModule:
+    """Compile for ``example_inputs``' shapes now, so that a failure surfaces here."""
+    _check_inputs(example_inputs)
     module = InductorModule(reference)
     try:
         module(*example_inputs)
     except Exception as e:
         raise LoweringError(f"torch.compile (inductor) of the reference graph failed: {type(e).__name__}: {e}") from e
     return module
+
+
+def lower(qat: fx.GraphModule, config: QuantConfig, *, example_inputs: tuple = ()) -> InductorModule:
+    """Each new input shape compiles once; ``example_inputs``' shapes compile here."""
+    _check_inputs(example_inputs)
+    refuse_saturating_kernels(config)
+    return compile_inductor(reference(qat, config), example_inputs)
+
+
+RUNTIME = Runtime("inductor", lower, options=(EXAMPLE_INPUTS,))

@@ -1,0 +1,185 @@
+"""Workarounds for torch 2.13 behaviour, each behind a named helper citing what it works around.
+
+The one place for them: when torch changes, this file says what to re-check.
+
+* :func:`release_device_cache`: torch.ao memoizes ``assert_and_get_unique_device`` per module
+  with an unbounded ``functools.cache`` (pytorch/pytorch#162550 added it to speed up prepare and
+  convert; the source marks it "TODO: delete"): every module ever prepared or converted, and its
+  weights, would stay alive.
+* :func:`exact_u8s8_kernels` / :func:`may_saturate`: without AVX-512 VNNI, fbgemm's and oneDNN's
+  uint8 x int8 kernels add pairs of products in 16 bits (``vpmaddubsw``) and saturate
+  (pytorch/pytorch#17458, uxlfoundation/oneDNN#717; torch's ``reduce_range`` exists for it).
+  The torch runtime pins the modules that could saturate to an exact engine
+  (:func:`exact_kernel_engine`), the inductor runtime refuses such a recipe
+  (:func:`refuse_saturating_kernels`), the onnxruntime runtime stores uint8 weights
+  (``fxptqat.lowering.onnx.weights_to_uint8``).
+* :func:`x86_routes_to_fbgemm`: torch's ``x86`` engine picks fbgemm or oneDNN per module when it
+  packs weights (pytorch/pytorch#83888); convs with more than 100 groups go to fbgemm's depthwise
+  kernel, which saturates the same way on full-range activations.
+* :func:`pin_packing_engine`: quantized convs and linears pack their weights for the *global*
+  quantized engine whenever ``set_weight_bias`` runs -- at conversion, on ``copy.deepcopy``,
+  ``load_state_dict`` and unpickling (pytorch/pytorch#46749, open) -- so the packing engine of a
+  module cannot be chosen per module without swapping its class.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.fx as fx
+import torch.nn as nn
+from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+from torch.ao.quantization.fx.utils import assert_and_get_unique_device
+
+from .config import QuantConfig
+from .errors import LoweringError
+
+__all__ = [
+    "release_device_cache", "exact_u8s8_kernels", "may_saturate", "x86_routes_to_fbgemm",
+    "exact_kernel_engine", "refuse_saturating_kernels", "pin_packing_engine", "packed_with",
+    "CONVS", "LINEARS", "ENGINES",
+]
+
+ENGINES = ("onednn", "qnnpack")  # the engines a module can be pinned to
+CONVS = (
+    nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d,
+    nniq.ConvAdd2d, nniq.ConvAddReLU2d,
+)
+LINEARS = (nnq.Linear, nniq.LinearReLU)
+_INT16_MAX = 2**15 - 1
+
+
+def release_device_cache() -> None:
+    """Forget the modules torch.ao's ``assert_and_get_unique_device`` cache holds; call after every
+    torch.ao prepare or convert (see the module docstring)."""
+    assert_and_get_unique_device.cache_clear()
+
+
+def exact_u8s8_kernels() -> bool:
+    """Whether this CPU has AVX-512 VNNI, with which fbgemm's and oneDNN's uint8 x int8 GEMM and
+    conv kernels accumulate in 32 bits. Without it they add product pairs in 16 bits
+    (``vpmaddubsw``) and saturate on 8-bit weights with full-range activations; torch documents the
+    same limit as the reason for ``reduce_range``. ``torch.cpu.get_capabilities`` (torch >= 2.3)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    return bool(capabilities and capabilities().get("avx512_vnni", False))
+
+
+def may_saturate(module: nn.Module, *, act_codes: int = 255) -> bool:
+    """Whether a u8 x s8 kernel that adds product pairs in int16 can saturate on this module: some
+    pair of integer weights times full-range activation codes (0..``act_codes``) exceeds int16."""
+    if type(module) not in (*CONVS, *LINEARS):
+        return False
+    weight = module.weight()
+    if not weight.is_quantized:
+        return False
+    return 2 * act_codes * int(weight.int_repr().abs().max()) > _INT16_MAX
+
+
+def x86_routes_to_fbgemm(module: nn.Module) -> bool:
+    """Whether torch's x86 engine packs this quantized conv for fbgemm instead of oneDNN.
+
+    torch 2.13 (``should_use_onednn_quant``) sends convs with more than 100 groups to fbgemm,
+    whose depthwise kernel saturates 16-bit pair sums on full-range uint8 inputs.
+    """
+    return getattr(module, "groups", 1) > 100 and not getattr(module, "transposed", False)
+
+
+def exact_kernel_engine(int8: fx.GraphModule, config: QuantConfig) -> tuple[str, Callable] | None:
+    """For a torch.ao INT8 graph: the engine to pin, and which modules, so that no module runs a
+    kernel that would not compute what fake-quant simulated (``passes/pack_with_engine.py``
+    measures which); None where every kernel is exact already."""
+    if config.engine not in ("x86", "fbgemm") or config.act_bits is None:  # weight-only: float kernels
+        return None
+    engines = torch.backends.quantized.supported_engines
+    if not exact_u8s8_kernels():
+        codes = config.act_qrange[1]
+        if not any(may_saturate(m, act_codes=codes) for m in int8.modules()):
+            return None
+        if "qnnpack" not in engines:
+            raise LoweringError(
+                "lower(): this CPU has no AVX-512 VNNI, so fbgemm's and oneDNN's INT8 kernels add pairs of "
+                "products in 16 bits and saturate with 8-bit weights on full-range activations, and this torch "
+                "has no qnnpack engine to run them exactly. Prepare with QuantConfig(reduce_range=True) or "
+                "weight_bits<=7."
+            )
+        return "qnnpack", lambda m: may_saturate(m, act_codes=codes)
+    if config.engine == "x86" and "onednn" in engines:
+        return "onednn", x86_routes_to_fbgemm
+    return None
+
+
+def refuse_saturating_kernels(config: QuantConfig) -> None:
+    """inductor lowers to oneDNN's u8 x s8 kernels, which have no exact path without AVX-512 VNNI:
+    refuse a recipe whose weights and activations can saturate their 16-bit pair sums."""
+    if exact_u8s8_kernels() or config.act_bits is None:
+        return
+    if 2 * config.act_qrange[1] * config.weight_qrange[1] > _INT16_MAX:
+        raise LoweringError(
+            f"lower(runtime='inductor'): this CPU has no AVX-512 VNNI, so oneDNN's INT8 kernels add pairs of "
+            f"products in 16 bits and saturate with {config.weight_bits}-bit weights on full-range activations: "
+            "the compiled model would not compute what fake-quant simulated. Prepare with "
+            "QuantConfig(reduce_range=True) or weight_bits<=7, or lower with runtime='torch' or 'onnxruntime' "
+            "(both run exact kernels here)."
+        )
+
+
+class _Pinned:
+    """Mixin: weights are (re)packed under ``_engine``, whichever engine is global."""
+
+    _engine: str
+
+    def set_weight_bias(self, *args, **kwargs):
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = self._engine
+        try:
+            return super().set_weight_bias(*args, **kwargs)
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+class _PinnedLinearParams(_Pinned):
+    """A linear's packed params are a TorchScript object that ``copy.deepcopy`` repacks under the
+    *global* engine (its ``__setstate__``): copy the rest, then repack through ``set_weight_bias``."""
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k != "_packed_params"})
+        new.set_weight_bias(*self._weight_bias())
+        return new
+
+
+def _pinned_class(cls: type, engine: str) -> type:
+    # Defined at import under a module-level name, so pickling finds the class.
+    name = f"{engine.capitalize()}{cls.__name__}"
+    mixin = _PinnedLinearParams if cls is LinearPackedParams else _Pinned
+    pinned = type(name, (mixin, cls), {"__module__": __name__, "_engine": engine})
+    globals()[name] = pinned
+    return pinned
+
+
+_PINNED = {(cls, e): _pinned_class(cls, e) for e in ENGINES for cls in (*CONVS, LinearPackedParams)}
+
+
+def _holder(module: nn.Module):
+    """The object whose ``set_weight_bias`` packs: a conv itself, a linear's packed-params holder."""
+    return module._packed_params if isinstance(module, LINEARS) else module
+
+
+def packed_with(module: nn.Module) -> str | None:
+    """The engine ``module`` (a quantized conv or linear) is pinned to, or None."""
+    return getattr(_holder(module), "_engine", None)
+
+
+def pin_packing_engine(module: nn.Module, engine: str) -> None:
+    """Make ``module`` (a quantized conv or linear of :data:`CONVS` / :data:`LINEARS`, not pinned
+    yet) pack its weights under ``engine`` now and on every later copy or reload: its packing
+    object's class becomes a subclass whose ``set_weight_bias`` sets the engine around the packing."""
+    holder = _holder(module)
+    weight, bias = module.weight(), module.bias()
+    holder.__class__ = _PINNED[(type(holder), engine)]
+    module.set_weight_bias(weight, bias)
