@@ -58,8 +58,8 @@ if str(ROOT) not in sys.path:  # `python benchmarks/accuracy.py` puts benchmarks
 
 import fxptqat as fq  # noqa: E402
 from benchmarks.pointnet import PointNet, images_to_points  # noqa: E402
-from fxptqat.data import batches, load_mnist  # noqa: E402
-from fxptqat.models import ResidualCNN, SmallViT, accuracy, train_float  # noqa: E402
+from fxptqat.examples.data import batches, load_mnist  # noqa: E402
+from fxptqat.examples.models import ResidualCNN, SmallViT, accuracy, train_float  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_JSON = RESULTS / "accuracy.json"

@@ -5,7 +5,7 @@
   does not install against the CPU torch here.
 * :class:`MobileNetV2` -- torchvision's MobileNetV2 layout (inverted residuals with expansion 6,
   depthwise 3x3 convs, ReLU6, linear bottlenecks, 1280-channel head, 3.5 M parameters).
-* ``vit`` -- :class:`fxptqat.models.SmallViT` (patch conv, LayerNorm, attention written with
+* ``vit`` -- :class:`fxptqat.examples.models.SmallViT` (patch conv, LayerNorm, attention written with
   explicit ``nn.Linear`` q/k/v/out and ``torch.matmul`` + softmax, GELU MLP), ViT-Tiny-like widths.
 
 Every model is torch.fx traceable, uses separate non-inplace activation modules (so torch.ao
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fxptqat.models import SmallViT
+from fxptqat.examples.models import SmallViT
 
 __all__ = ["ResNet18", "MobileNetV2", "MODELS", "build"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxptqat.data import MNIST_MEAN, MNIST_STD
+from fxptqat.examples.data import MNIST_MEAN, MNIST_STD
 
 __all__ = ["PointNet", "images_to_points"]
 

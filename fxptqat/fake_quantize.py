@@ -94,6 +94,14 @@ class FakeQuantize(_AOFakeQuantize):
             X, self.scale, self.zero_point, self.quant_min, self.quant_max
         )
 
+    def reset_statistics(self) -> None:
+        """Forget what the observer has seen (its min/max or histogram)."""
+        self.activation_post_process.reset_min_max_vals()
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Add ``x`` to the observer's statistics without quantizing anything."""
+        self.activation_post_process(x.detach())
+
     # -- statistics across torch.distributed ranks -------------------------------------------------
     def reducible_across_ranks(self) -> bool:
         """Whether :meth:`all_reduce_statistics` can merge this observer's statistics exactly."""

@@ -94,7 +94,7 @@ def small_batches():
 
 @pytest.fixture(scope="session")
 def mnist():
-    from fxptqat.data import load_mnist
+    from fxptqat.examples.data import load_mnist
 
     return load_mnist(n_train=4000, n_test=1000, seed=0)
 
@@ -102,7 +102,7 @@ def mnist():
 @pytest.fixture(scope="session")
 def mnist_cnn(mnist):
     """ResidualCNN trained once per session on real MNIST (train_float defaults, seed 0)."""
-    from fxptqat.models import ResidualCNN, train_float
+    from fxptqat.examples.models import ResidualCNN, train_float
 
     x_train, y_train, _, _ = mnist
     torch.manual_seed(0)

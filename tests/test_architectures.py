@@ -6,7 +6,7 @@ import torch
 
 import fxptqat as fq
 from fxptqat import meta
-from fxptqat.models import ResidualCNN, SmallViT, TinyMLP
+from fxptqat.examples.models import ResidualCNN, SmallViT, TinyMLP
 
 
 def _pipeline(model, x, config):

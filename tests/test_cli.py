@@ -23,7 +23,7 @@ def test_demo_runs_the_whole_pipeline_on_mnist(tmp_path, capsys):
 @pytest.mark.parametrize("option, message", [(["--weight-bits", "9"], "weight_bits=9 is out of range"),
                                              (["--theta", "-1"], "theta")])
 def test_demo_rejects_bad_options_before_training(option, message, capsys, monkeypatch):
-    from fxptqat import demo
+    from fxptqat.examples import demo
 
     def no_training(*args, **kwargs):
         raise AssertionError("the demo trained before checking its options")

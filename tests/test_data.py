@@ -1,4 +1,4 @@
-"""Tests for the offline real-data loaders in fxptqat.data."""
+"""Tests for the offline real-data loaders in fxptqat.examples.data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ import sys
 import pytest
 import torch
 
-from fxptqat import data
-from fxptqat.data import DIGITS_MEAN, DIGITS_STD, MNIST_MEAN, MNIST_STD, batches, load_digits, load_mnist
+from fxptqat.examples import data
+from fxptqat.examples.data import (
+    DIGITS_MEAN,
+    DIGITS_STD,
+    MNIST_MEAN,
+    MNIST_STD,
+    batches,
+    load_digits,
+    load_mnist,
+)
 
 
 @pytest.fixture(scope="module")

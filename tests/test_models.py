@@ -1,4 +1,4 @@
-"""Tests for the reference models and the float training helpers in fxptqat.models."""
+"""Tests for the reference models and the float training helpers in fxptqat.examples.models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from fxptqat.data import load_digits
-from fxptqat.models import ResidualCNN, SmallViT, TinyMLP, accuracy, train_float
+from fxptqat.examples.data import load_digits
+from fxptqat.examples.models import ResidualCNN, SmallViT, TinyMLP, accuracy, train_float
 
 CASES = {
     "residual_cnn": (lambda: ResidualCNN(), (3, 1, 28, 28), 10),

@@ -101,7 +101,7 @@ def test_report_round_trips(finetuned):
 def test_weighted_recipe_round_trips_without_its_dropped_quantizers(tmp_path):
     """quantized_ops="weighted" removes output quantizers at prepare; load() re-prepares from the
     saved recipe, so the same ones are gone and the state dict fits exactly."""
-    from fxptqat.models import SmallViT
+    from fxptqat.examples.models import SmallViT
 
     def vit():
         torch.manual_seed(0)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fxptqat as fq
-from fxptqat.data import batches
-from fxptqat.models import accuracy
+from fxptqat.examples.data import batches
+from fxptqat.examples.models import accuracy
 
 from conftest import same_state, state_of
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxptqat as fq
-from fxptqat.models import SmallViT
+from fxptqat.examples.models import SmallViT
 from fxptqat.persistence import _config_from_dict, _config_to_dict
 
 from conftest import make_small_net

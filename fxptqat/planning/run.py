@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from .. import meta
+from ..api import calibrate, prepare
 from ..config import QuantConfig, check_finite
-from ..errors import CalibrationError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..fake_quantize import FakeQuantize
-from ..inputs import as_args
+from ..training import cycle, make_optimizer, progress_bar, train_steps
 from .fraction import _int, _positive
 from .schedule import QATPlan
 
@@ -36,38 +37,18 @@ class PlanRun:
     carried_state: int
 
 
-def _cycle(loader: Iterable) -> Iterator:
-    while True:
-        fed = False
-        for batch in loader:
-            fed = True
-            yield batch
-        if not fed:
-            raise InputError("train_with_plan(): the loader yielded no batch.")
-
-
-def _make_optimizer(kind: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ConfigError(f"train_with_plan(): optimizer={kind!r}; choose 'adamw', 'adam' or 'sgd'.")
-
-
-def _weight_quantizers(qat: fx.GraphModule) -> list[tuple[nn.Module, FakeQuantize]]:
-    return [(m, m.weight_fake_quant) for m in qat.modules()
-            if isinstance(getattr(m, "weight_fake_quant", None), FakeQuantize)]
+def _weight_quantizers(qat: fx.GraphModule) -> list[tuple[nn.Parameter, FakeQuantize]]:
+    return [(qat.get_parameter(info.weight), qat.get_submodule(info.weight_quantizer))
+            for _, info in meta.quantized_nodes(qat)]
 
 
 def _observe_weights(quantizers, *, freeze: bool) -> None:
     """Max-abs scale tracking: each forward re-measures the weights; ``freeze`` fixes the final scales."""
     with torch.no_grad():
-        for module, wfq in quantizers:
-            wfq.activation_post_process.reset_min_max_vals()
+        for weight, wfq in quantizers:
+            wfq.reset_statistics()
             if freeze:
-                wfq.activation_post_process(module.weight.detach())
+                wfq.observe(weight)
                 wfq.freeze()
             elif wfq.frozen:
                 wfq.enable_observer(True)  # observe + fake-quant: forward sets the scale from this step's weights
@@ -113,37 +94,20 @@ def train_with_plan(
     _int(owner, "calib_batches", calib_batches, 1)
     if max_grad_norm is not None:
         max_grad_norm = _positive(owner, "max_grad_norm", max_grad_norm)
-    from tqdm.auto import tqdm
-
-    from ..api import calibrate, prepare  # local: api may import planning (finetune(plan=...))
-
-    stream = _cycle(loader)
+    stream = cycle(loader, owner)
     losses: list[float] = []
     lrs: list[float] = []
-    bar = tqdm(total=plan.total_steps, desc="FP", disable=not progress, leave=False)
+    bar = progress_bar(total=plan.total_steps, desc="FP", enabled=progress, leave=False)
 
     def run_phase(net: nn.Module, opt, sched, steps: int, quantizers) -> None:
-        net.train()
-        for _ in range(steps):
-            *inputs, target = as_args(next(stream), what=f"{owner}: batch")
-            if quantizers:
-                _observe_weights(quantizers, freeze=False)
-            loss = loss_fn(net(*inputs), target)
-            if not math.isfinite(loss.item()):
-                raise CalibrationError(f"{owner}: loss became {loss.item()} at step {len(losses)}; lower lr.")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], max_grad_norm)
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
+        before = (lambda: _observe_weights(quantizers, freeze=False)) if quantizers else None
+        train_steps(net, stream, loss_fn, opt, steps, owner=owner, scheduler=sched, before_step=before,
+                    max_grad_norm=max_grad_norm, losses=losses, lrs=lrs, bar=bar)
 
     was_training = model.training
     try:
-        opt = _make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+        opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, owner=owner)
         run_phase(model, opt, plan.scheduler(opt), plan.fp_steps, [])
         model.eval()
         qat = prepare(model, example_inputs, config=config)
@@ -153,7 +117,7 @@ def train_with_plan(
         quantizers = _weight_quantizers(qat) if weight_scales == "track" else []
         names = {n: p for n, p in model.named_parameters()}
         new_params = [(n, p) for n, p in qat.named_parameters() if p.requires_grad]
-        qat_opt = _make_optimizer(optimizer, [p for _, p in new_params], lr, weight_decay)
+        qat_opt = make_optimizer(optimizer, [p for _, p in new_params], lr=lr, weight_decay=weight_decay, owner=owner)
         carried = 0
         for name, p in new_params:
             old = names.get(name)

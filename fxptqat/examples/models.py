@@ -1,4 +1,4 @@
-"""Hand-written reference models plus a small float training loop.
+"""Example reference models plus float training on the library's training loop.
 
 Every model is symbolically traceable with :func:`torch.fx.symbolic_trace` (no
 data-dependent control flow) and is written so that torch.ao FX quantization can fuse
@@ -14,9 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from fxptqat.data import batches
+from ..training import make_optimizer, progress_bar, train_steps
+from .data import batches
 
 logger = logging.getLogger(__name__)
 
@@ -199,27 +199,24 @@ def train_float(
     if len(x) != len(y):
         raise ValueError(f"train_float: x and y differ in length ({len(x)} vs {len(y)})")
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = make_optimizer("adamw", model.parameters(), lr=lr, weight_decay=1e-4, owner="train_float")
     steps_per_epoch = math.ceil(len(x) / batch_size)
     schedule = (
         torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
         if epochs > 0 else None
     )
+    losses: list[float] = []
     model.train()
-    with tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="train_float") as bar:
+    with progress_bar(total=epochs * steps_per_epoch, desc="train_float", enabled=progress) as bar:
         for epoch in range(epochs):
-            total, count = 0.0, 0
-            for xb, yb in batches(x, y, batch_size=batch_size, shuffle=True, seed=seed + epoch):
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(xb), yb)
-                loss.backward()
-                opt.step()
-                schedule.step()
-                total += loss.item() * len(xb)
-                count += len(xb)
-                bar.update(1)
-            logger.debug("train_float epoch %d/%d: loss %.4f", epoch + 1, epochs, total / max(count, 1))
-            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            first = len(losses)
+            stream = batches(x, y, batch_size=batch_size, shuffle=True, seed=seed + epoch)
+            train_steps(model, stream, F.cross_entropy, opt, steps_per_epoch, owner="train_float",
+                        scheduler=schedule, losses=losses, bar=bar)
+            sizes = [min(batch_size, len(x) - i * batch_size) for i in range(steps_per_epoch)]
+            mean = sum(loss * n for loss, n in zip(losses[first:], sizes, strict=True)) / max(len(x), 1)
+            logger.debug("train_float epoch %d/%d: loss %.4f", epoch + 1, epochs, mean)
+            bar.set_postfix(loss=f"{mean:.4f}")
     return model.eval()
 
 

@@ -16,11 +16,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import api
-from .config import QuantConfig
+import fxptqat as fq
+
 from .data import batches, load_mnist
 from .models import ResidualCNN, accuracy, train_float
-from .selection import Threshold
 
 __all__ = ["DemoResult", "run_demo", "latency_ms"]
 
@@ -72,8 +71,8 @@ def run_demo(
     from tqdm.auto import tqdm
 
     # a bad option fails before a minute of float training, not after it
-    config = QuantConfig(weight_bits=weight_bits, act_bits=8)
-    policy = Threshold(theta)
+    config = fq.QuantConfig(weight_bits=weight_bits, act_bits=8)
+    policy = fq.Threshold(theta)
     start = time.perf_counter()
     torch.manual_seed(seed)
     bar = tqdm(total=7, desc="fxptqat demo", disable=not progress)
@@ -89,15 +88,15 @@ def run_demo(
     stage("float model trained")
 
     calib = list(itertools.islice(batches(x_train, batch_size=64), 8))
-    qat = api.prepare(model, x_train[:64], config=config)
-    api.calibrate(qat, calib)
+    qat = fq.prepare(model, x_train[:64], config=config)
+    fq.calibrate(qat, calib)
     ptq_acc = accuracy(qat, x_test, y_test)
     stage("PTQ calibrated")
 
-    report = api.measure_error(qat, calib)
+    report = fq.measure_error(qat, calib)
     stage("per-node error measured")
 
-    selection = api.select_trainable(qat, report, policy=policy)
+    selection = fq.select_trainable(qat, report, policy=policy)
     marks = {n: "QAT" for n in selection.trainable} | {n: "frozen" for n in selection.frozen}
     echo(f"\nPer-node error at W{weight_bits}A8 (isolated: float inputs; propagated: quantized network)")
     echo(report.table(marks=marks))
@@ -111,16 +110,16 @@ def run_demo(
 
     loader = list(batches(x_train, y_train, batch_size=64, shuffle=True, seed=seed))
     if selection.trainable:
-        api.finetune(qat, loader, F.cross_entropy, steps=steps, lr=lr, progress=progress)
+        fq.finetune(qat, loader, F.cross_entropy, steps=steps, lr=lr, progress=progress)
     ptqat_acc = accuracy(qat, x_test, y_test)
     stage("fine-tuned")
 
-    int8 = api.lower(qat)
+    int8 = fq.lower(qat)
     int8_acc = accuracy(int8, x_test, y_test)
-    parity = api.check_parity(qat, int8, [(x_test[:256],)])
-    w8 = api.prepare(model, x_train[:64], config=dataclasses.replace(config, weight_bits=8))
-    api.calibrate(w8, calib)
-    w8a8_int8_acc = accuracy(api.lower(w8), x_test, y_test)
+    parity = fq.check_parity(qat, int8, [(x_test[:256],)])
+    w8 = fq.prepare(model, x_train[:64], config=dataclasses.replace(config, weight_bits=8))
+    fq.calibrate(w8, calib)
+    w8a8_int8_acc = accuracy(fq.lower(w8), x_test, y_test)
     stage("lowered to INT8")
 
     xb = x_test[:256]
