@@ -19,18 +19,18 @@ magnitude standing for the sum of the terms), and never less than 1e-4 of it.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.fx as fx
-from tabulate import tabulate
 from torch.fx.node import map_arg
 
 from . import meta
+from .capture import bn_shift
 from .errors import LoweringError
+from .fake_quantize import is_quantizer
 from .graph_match import match_nodes, output_quantizer
 from .inputs import iter_batches
-from .interpreter import CheckedInterpreter, is_quantizer
+from .interpreter import CheckedInterpreter
+from .parity_report import ParityReport, ParityRow
 
 __all__ = ["ParityRow", "ParityReport", "compare"]
 
@@ -168,118 +168,6 @@ def _is_quantizer_node(gm: fx.GraphModule, node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_module" and is_quantizer(gm.get_submodule(node.target))
 
 
-@dataclasses.dataclass(frozen=True)
-class ParityRow:
-    name: str
-    scale: float | None  # output quantization step; None for float (weight-only) outputs
-    tolerance: float  # allowed isolated max |fake-quant - INT8|
-    isolated_max_abs: float
-    propagated_max_abs: float
-    propagated_frac_off: float  # share of elements more than one step apart (propagated)
-
-    @property
-    def ok(self) -> bool:
-        return self.isolated_max_abs <= self.tolerance
-
-    def lsb(self, value: float) -> float | None:
-        return value / self.scale if self.scale else None
-
-
-@dataclasses.dataclass(frozen=True)
-class ParityReport:
-    """``rows``: the weighted nodes compared; ``not_compared``: ``(node, reason)`` for every other
-    weighted node of the fake-quant graph. The network output is judged by its mean absolute
-    difference (``output_mean_abs`` against ``output_tolerance``): one-step ties add up through
-    the network, so single elements may move by a few steps, but a kernel computing something else
-    moves the mean (see :func:`compare`)."""
-
-    rows: tuple[ParityRow, ...]
-    output_max_abs: float
-    top1_agreement: float | None  # share of samples whose argmax agrees (2-D outputs)
-    samples: int
-    not_compared: tuple[tuple[str, str], ...] = ()
-    ops: tuple[ParityRow, ...] = ()  # every other op, fake-quant run on the lowered graph's inputs
-    output_nodes: tuple[str, ...] = ()  # the ops or weighted nodes that make the network outputs
-    output_mean_abs: float | None = None  # None: the output was not compared (not a tensor)
-    output_tolerance: float | None = None  # on output_mean_abs, for a lowered model run outside torch
-    output_scale: float | None = None  # the output quantizer's step; None for a float output
-
-    @property
-    def coverage(self) -> float:
-        """Share of the graph's weighted nodes that were compared."""
-        total = len(self.rows) + len(self.not_compared)
-        return len(self.rows) / total if total else 0.0
-
-    @property
-    def output_ok(self) -> bool:
-        """The op making the network output was compared and agrees, and a lowered model run outside
-        torch (onnxruntime, inductor) is within ``output_tolerance`` of the graph it was made from.
-        Where the lowering renamed that op, the output is judged end to end: mean |diff| within
-        one output step."""
-        verdicts = {r.name: r.ok for r in (*self.rows, *self.ops)}
-        end_to_end = self.output_tolerance is None or (
-            self.output_mean_abs is not None and self.output_mean_abs <= self.output_tolerance)
-        if not all(n in verdicts for n in self.output_nodes):  # not compared locally: end to end only
-            return self.output_tolerance is not None and end_to_end
-        return all(verdicts[n] for n in self.output_nodes) and end_to_end
-
-    @property
-    def first_divergence(self) -> str | None:
-        """The first weighted node (graph order) whose INT8 kernel departs from fake-quant."""
-        return next((r.name for r in self.rows if not r.ok), None)
-
-    @property
-    def diverging_ops(self) -> tuple[str, ...]:
-        return tuple(r.name for r in self.ops if not r.ok)
-
-    @property
-    def ok(self) -> bool:
-        """At least one weighted node compared, every compared node and op within tolerance, and the
-        network output judged. Read :attr:`coverage` beside it: nodes not compared are not judged."""
-        return bool(self.rows) and self.first_divergence is None and not self.diverging_ops and self.output_ok
-
-    def table(self, *, tablefmt: str = "simple") -> str:
-        def steps(r: ParityRow, v: float) -> str:
-            return f"{r.lsb(v):.2f}" if r.scale else f"{v:.2g}"
-
-        body = [
-            [r.name, f"{r.scale:.3g}" if r.scale else "float", steps(r, r.isolated_max_abs),
-             steps(r, r.propagated_max_abs), f"{r.propagated_frac_off:.2%}", "ok" if r.ok else "DIVERGES"]
-            for r in self.rows
-        ]
-        body += [[name, "", "", "", "", f"not compared: {why}"] for name, why in self.not_compared]
-        body += [[f"{r.name} (op)", f"{r.scale:.3g}" if r.scale else "float", steps(r, r.isolated_max_abs), "", "",
-                  "DIVERGES"] for r in self.ops if not r.ok]
-        head = ["node", "out step", "isolated max (steps)", "propagated max (steps)", "prop > 1 step", "parity"]
-        text = tabulate(body, headers=head, tablefmt=tablefmt)
-        verdict = "ok" if self.output_ok else "DIVERGES"
-        if self.output_mean_abs is None:
-            return text + f"\nnetwork output ({', '.join(self.output_nodes) or 'no float value'}): {verdict}, end to end not compared (not a tensor)"
-        unit = (lambda v: f"{v / self.output_scale:.3g} steps") if self.output_scale else (lambda v: f"{v:.3g}")
-        bound = "" if self.output_tolerance is None else f" (tolerance {unit(self.output_tolerance)})"
-        return (text + f"\nnetwork output ({', '.join(self.output_nodes) or 'no float value'}): {verdict}; end to end mean |diff| "
-                f"{unit(self.output_mean_abs)}{bound}, max {unit(self.output_max_abs)}; "
-                f"{len(self.rows)}/{len(self.rows) + len(self.not_compared)} weighted nodes and "
-                f"{len(self.ops)} other ops compared")
-
-
-def _bn_shift(module) -> float:
-    """Largest ``|mean * gamma / std| + |beta|`` of a fused conv-bn's BatchNorm, else 0: torch.ao's QAT
-    conv-bn divides the conv output by ``gamma / std`` and lets the BatchNorm subtract the mean
-    again, terms a folded (lowered) conv never forms, so their rounding adds to the float bound."""
-    bn = getattr(module, "bn", None)
-    if bn is None or bn.running_mean is None or bn.weight is None:
-        return 0.0
-    with torch.no_grad():
-        shift = (bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs() + bn.bias.abs()
-    return float(shift.max())
-
-
-def _fan_in(module) -> int:
-    outputs = getattr(module, "out_channels", None) or getattr(module, "out_features", None) or 1
-    return max(1, module.weight.numel() // outputs)
-
-
 def _step(qat: fx.GraphModule, node) -> float | None:
     """The per-tensor step of the quantizer ``node`` calls, if it is one."""
     if not isinstance(node, fx.Node) or node.op != "call_module":
@@ -303,12 +191,12 @@ def _float_output_step(qat: fx.GraphModule, made, depth: int = 8) -> float:
     cat, add, activations) the bounds of their inputs add up; 0 where no quantized input is found."""
     if not isinstance(made, fx.Node) or made.op in ("placeholder", "get_attr") or depth == 0:
         return 0.0
-    if meta.node_info(made) is not None:
+    info = meta.node_info(made)
+    if info is not None:
         step_in = _step(qat, made.args[0]) if made.args and isinstance(made.args[0], fx.Node) else None
         if step_in is None:
             return 0.0
-        module = qat.get_submodule(made.target)
-        weight = module.weight_fake_quant(module.weight.detach())
+        weight = qat.get_submodule(info.weight_quantizer)(qat.get_parameter(info.weight).detach())
         return step_in * float(weight.abs().reshape(weight.shape[0], -1).sum(1).max())
     return sum(_float_output_step(qat, n, depth - 1) for n in made.all_input_nodes)
 
@@ -320,7 +208,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     int8_nodes = {n.name: n for n in int8.graph.nodes}
     points = {}  # weighted node -> (its input node, node compared, output step)
     fan_in = {}  # weighted node -> products summed per output element
-    shift = {}  # weighted node -> BatchNorm shift its QAT form computes and removes (_bn_shift)
+    shift = {}  # weighted node -> BatchNorm shift its QAT form computes and removes (capture.bn_shift)
     not_compared = []
     for node, info in meta.quantized_nodes(qat):
         lowered = int8_nodes.get(node.name)
@@ -330,8 +218,8 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
         if not isinstance(node.args[0], fx.Node):
             not_compared.append((node.name, "its input is not a graph value"))
             continue
-        fan_in[node.name] = _fan_in(qat.get_submodule(node.target))
-        shift[node.name] = _bn_shift(qat.get_submodule(node.target))
+        fan_in[node.name] = max(1, info.fan_in)
+        shift[node.name] = bn_shift(qat.get_submodule(node.target))
         out_q = next((u for u in node.users if u.name == info.output_quantizer), None)
         points[node.name] = (node.args[0].name, info.output_quantizer or node.name, _step(qat, out_q))
     ops = {name: n for name, n in match_nodes(qat, int8).items()  # lowered name -> fake-quant op

@@ -11,12 +11,13 @@ helpers below, never the capture's module layout.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..fake_quantize import is_quantizer
 from .fx import capture_fx
 
-__all__ = ["capture_fx", "is_quantizer", "bn_frozen", "set_bn_frozen"]
+__all__ = ["capture_fx", "is_quantizer", "bn_frozen", "set_bn_frozen", "bn_shift"]
 
 
 def bn_frozen(module: nn.Module) -> bool | None:
@@ -33,3 +34,15 @@ def set_bn_frozen(module: nn.Module, frozen: bool) -> bool:
         return False
     module.freeze_bn_stats() if frozen else module.update_bn_stats()
     return True
+
+
+def bn_shift(module: nn.Module) -> float:
+    """Largest ``|mean * gamma / std| + |beta|`` of a fused conv-bn's BatchNorm, else 0: torch.ao's QAT
+    conv-bn divides the conv output by ``gamma / std`` and lets the BatchNorm subtract the mean
+    again, terms a folded (lowered) conv never forms, so their rounding adds to the float bound."""
+    bn = getattr(module, "bn", None)
+    if bn is None or bn.running_mean is None or bn.weight is None:
+        return 0.0
+    with torch.no_grad():
+        shift = (bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs() + bn.bias.abs()
+    return float(shift.max())
