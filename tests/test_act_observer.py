@@ -27,7 +27,7 @@ from fxptqat.qconfig import LogHistogramObserver
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_small_net  # noqa: E402
+from helpers import make_small_net  # noqa: E402
 
 OBSERVER_CLASS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver}
 ALL = pytest.mark.parametrize("observer", ACT_OBSERVERS)

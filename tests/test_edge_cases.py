@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fxptqat as fq
 
-from conftest import Twice, same_state, state_of
+from helpers import Twice, same_state, state_of
 
 # 7-bit weights cannot saturate int16 pair sums, so no module is moved to QNNPACK (whose rounding
 # ties differ) on CPUs without AVX-512 VNNI: the bit-exact checks below hold on every CPU.

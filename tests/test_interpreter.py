@@ -8,7 +8,7 @@ import torch
 import fxptqat as fq
 from fxptqat.stats import RunningError
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _calibrated(batches):

@@ -8,7 +8,7 @@ import torch.nn as nn
 import fxptqat as fq
 from fxptqat.parity import compare
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _calibrated(model, shape=(8, 1, 6, 6), **config):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fxptqat as fq
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 HERE = os.path.dirname(__file__)
 
@@ -37,7 +37,7 @@ def test_fake_quant_and_int8_survive_save_and_load_in_a_fresh_process(finetuned)
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {HERE!r})
-        from conftest import make_small_net
+        from helpers import make_small_net
         import fxptqat as fq
         d = {str(finetuned["dir"])!r}
         expected = torch.load(d + "/expected.pt")

@@ -10,7 +10,7 @@ import fxptqat as fq
 from fxptqat.data import batches
 from fxptqat.models import accuracy
 
-from conftest import same_state, state_of
+from helpers import same_state, state_of
 
 STEPS = 150
 

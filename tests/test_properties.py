@@ -32,7 +32,7 @@ from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.passes.pack_with_engine import engine_available, pack_with_engine
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
-from conftest import TwoCats
+from helpers import TwoCats
 
 EPS32 = torch.finfo(torch.float32).eps
 # One example (prepare, calibrate, measure, lower... on a small model) takes ~20-100 ms with one

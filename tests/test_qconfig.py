@@ -8,7 +8,7 @@ import fxptqat as fq
 from fxptqat.models import SmallViT
 from fxptqat.persistence import _config_from_dict, _config_to_dict
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _vit():

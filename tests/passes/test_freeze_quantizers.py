@@ -4,7 +4,7 @@ import fxptqat as fq
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _quantizers(gm):

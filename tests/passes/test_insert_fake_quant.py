@@ -10,7 +10,7 @@ from fxptqat.api import trace
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 
-from conftest import TwoCats, make_small_net, same_state, state_of
+from helpers import TwoCats, make_small_net, same_state, state_of
 
 EX = (torch.randn(2, 1, 6, 6),)
 

@@ -5,7 +5,7 @@ import fxptqat as fq
 from fxptqat import meta
 from fxptqat.passes.mark_trainable import mark_trainable
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 @pytest.fixture
