@@ -1,7 +1,9 @@
 """Hypothesis properties of the whole pipeline over models drawn from ``fxptqat.testing``.
 
 Every property runs on random valid conv / linear networks (BatchNorm, ReLU, residual adds,
-concatenation, fan-out) and random bit-widths; see ``DESIGN.md`` (section Tests).
+concatenation, fan-out) and random bit-widths. Each pass's own property (lint, honest ``modified``,
+idempotence) sits beside its tests in ``tests/passes/test_<pass>.py``. Hypothesis profiles: see
+``conftest.py`` (``dev``: random draws; ``ci``: derandomized).
 """
 
 from __future__ import annotations
