@@ -58,10 +58,13 @@ def test_load_restores_stage_selection_and_stats(finetuned, small_net):
 
     assert meta.graph_info(qat).stage == meta.Stage.SELECTED
     trainable = {n.name for n, i in meta.quantized_nodes(qat) if i.trainable}
-    assert trainable == set(finetuned["selection"].trainable)
+    assert trainable and trainable == set(finetuned["selection"].trainable)
+    assert finetuned["selection"].frozen
     for name in finetuned["selection"].frozen:
         assert not any(p.requires_grad for p in qat.get_submodule(finetuned["selection"].sources[name]).parameters())
-    for node, info in meta.quantized_nodes(qat):
+    nodes = list(meta.quantized_nodes(qat))
+    assert [n.name for n, _ in nodes] == [r.name for r in finetuned["report"].rows]
+    for node, info in nodes:
         assert info.isolated == finetuned["report"].row(node.name).isolated
 
 

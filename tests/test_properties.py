@@ -50,9 +50,8 @@ def _disable_quantization(gm: fx.GraphModule) -> None:
     """torch.ao's own switches; fxptqat's FakeQuantize must follow them."""
     gm.apply(disable_fake_quant)
     gm.apply(disable_observer)
-    for m in gm.modules():
-        if isinstance(m, FakeQuantize):
-            assert not m._fake_quant and not m._observe
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    assert quantizers and all(not m._fake_quant and not m._observe for m in quantizers)
 
 
 def _adam_step(qat: fx.GraphModule, x: torch.Tensor, *, lr: float = 1.0) -> list[tuple[str, nn.Parameter]]:
@@ -213,8 +212,8 @@ def test_lowered_int8_matches_fake_quant(ab, ops):
             # tolerance derived from the output quantizer's step, not a hand-tuned constant
             if ab is None or meta.node_info(node_named(qat, row.name)).output_quantizer is None:
                 assert row.scale is None
-            elif row.scale is not None:
-                assert row.tolerance == pytest.approx(row.scale, rel=2e-3)
+            else:  # a calibrated activation quantizer: frozen, per tensor
+                assert row.scale is not None and row.tolerance == pytest.approx(row.scale, rel=2e-3)
 
     check()
 

@@ -17,7 +17,8 @@ def _quantizers(gm):
 def test_observe_then_freeze():
     qat = fq.prepare(make_small_net(), torch.randn(2, 1, 6, 6))
     assert observe_only(qat).modified is True
-    assert all(q._observe and not q._fake_quant for q in _quantizers(qat))
+    quantizers = _quantizers(qat)
+    assert quantizers and all(q._observe and not q._fake_quant for q in quantizers)
     assert observe_only(qat).modified is False  # idempotent
     x = torch.randn(8, 1, 6, 6)
     with torch.no_grad():
