@@ -27,7 +27,7 @@ from fxptqat.lowering import reference
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_small_net  # noqa: E402
+from helpers import make_small_net  # noqa: E402
 
 OBSERVER_CLASS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver}
 ALL = pytest.mark.parametrize("observer", ACT_OBSERVERS)
@@ -140,7 +140,9 @@ def test_fixed_qparams_ops_and_weight_only_graphs_are_unaffected(observer):
 @ALL
 def test_reduce_range_stays_in_7_bits(observer):
     qat = _calibrated(make_small_net(), _batches(), act_observer=observer, reduce_range=True)
-    for m in _act_quantizers(qat).values():
+    acts = _act_quantizers(qat)
+    assert acts
+    for m in acts.values():
         assert (m.quant_min, m.quant_max) == (0, 127)
         assert 0 <= int(m.zero_point) <= 127 and float(m.scale) > 0
 
@@ -305,7 +307,9 @@ def test_save_load_round_trip_keeps_qparams(observer, tmp_path):
     loaded = fq.load(make_small_net(), data[0], path)
     assert meta.graph_info(loaded).config.act_observer == observer
     _assert_same_qparams(_qparams(qat), _qparams(loaded))
-    for m in _act_quantizers(loaded).values():
+    acts = _act_quantizers(loaded)
+    assert acts
+    for m in acts.values():
         assert type(m.activation_post_process) is OBSERVER_CLASS[observer]
         assert m.frozen
         # convert_fx (fq.lower) takes qparams from calculate_qparams(): it must give the frozen ones

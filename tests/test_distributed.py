@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import fxptqat as fq
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import make_small_net  # noqa: E402
+from helpers import make_small_net  # noqa: E402
 
 WORLD = 2
 

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 import fxptqat as fq
 
-from conftest import Twice, same_state, state_of
+from helpers import Twice, same_state, state_of
 
 # 7-bit weights cannot saturate int16 pair sums, so no module is moved to QNNPACK (whose rounding
 # ties differ) on CPUs without AVX-512 VNNI: the bit-exact checks below hold on every CPU.
@@ -132,7 +132,7 @@ def test_zero_gamma_and_zero_channels_quantize_exactly():
     qat = fq.prepare(model, batches[0])
     fq.calibrate(qat, batches)  # torch.ao's default conv-bn folding divides by gamma: NaN here
     report = fq.measure_error(qat, batches)
-    assert all(math.isfinite(r.isolated.mse) and math.isfinite(r.propagated.mse) for r in report.rows)
+    assert report.rows and all(math.isfinite(r.isolated.mse) and math.isfinite(r.propagated.mse) for r in report.rows)
     with torch.no_grad():
         out = qat(batches[0][0])
         expected = model(batches[0][0])
@@ -141,7 +141,8 @@ def test_zero_gamma_and_zero_channels_quantize_exactly():
     assert (out - expected).abs().max() < 0.1
     qat.train()
     qat(batches[0][0]).sum().backward()  # the QAT forward in train mode is finite too
-    assert all(torch.isfinite(p.grad).all() for p in qat.parameters() if p.grad is not None)
+    grads = [p.grad for p in qat.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
     qat.eval()
     int8 = fq.lower(qat)
     parity = fq.check_parity(qat, int8, batches)

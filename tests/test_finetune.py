@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import fxptqat as fq
 from fxptqat.planning import plan_qat
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import weakref
 import torch
 
 import fxptqat as fq
+from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.stats import RunningError
 
-from conftest import make_small_net
+from helpers import make_small_net, same_state, state_of
 
 
 def _calibrated(batches):
@@ -34,12 +35,29 @@ def test_measure_error_keeps_no_batch_alive():
     assert sum(r() is not None for r in refs) == 0  # every batch (and what hung on it) was freed
 
 
-def test_one_pass_over_the_batches():
+def _switches(qat):
+    """Every quantizer's on/off state: the flags fxptqat's FakeQuantize reads, the buffers torch.ao reads."""
+    return [
+        (name, m._fake_quant, m._observe, int(m.fake_quant_enabled[0]), int(m.observer_enabled[0]))
+        for name, m in qat.named_modules()
+        if isinstance(m, FakeQuantize)
+    ]
+
+
+def test_one_pass_over_the_batches_and_the_graph_is_left_as_it_was():
+    """The recorder runs the float and the quantized network side by side (weight quantizers switched
+    off for the float path, the model in eval mode): none of that may outlive the call."""
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 1, 6, 6, generator=g),) for _ in range(3)]
     qat = _calibrated(data)
+    (x,) = data[0]
+    with torch.no_grad():
+        out = qat(x)
+    qat.train()  # as during fine-tuning: measuring must not leave it in eval mode
+    forward, code, state, switches = type(qat).forward, qat.code, state_of(qat), _switches(qat)
+    training = [m.training for m in qat.modules()]
+    grads = [p.requires_grad for p in qat.parameters()]
     calls = []
-    original = qat.forward
 
     class Counting:
         def __iter__(self):
@@ -49,7 +67,13 @@ def test_one_pass_over_the_batches():
 
     report = fq.measure_error(qat, Counting())
     assert len(calls) == 3 and report.batches == 3
-    assert qat.forward == original
+    assert type(qat).forward is forward and "forward" not in vars(qat) and qat.code == code
+    assert same_state(qat, state)  # weights, BN statistics, scales and zero points
+    assert switches and _switches(qat) == switches
+    assert [m.training for m in qat.modules()] == training and qat.training
+    assert [p.requires_grad for p in qat.parameters()] == grads
+    with torch.no_grad():
+        assert torch.equal(qat.eval()(x), out)
 
 
 def test_isolated_equals_propagated_where_inputs_are_float():

@@ -11,7 +11,7 @@ from fxptqat.lowering import exact_u8s8_kernels
 from fxptqat.lowering.inductor import InductorModule
 from fxptqat.testing import traceable_models, weight_bits
 
-from conftest import same_state, state_of
+from helpers import same_state, state_of
 
 # Without AVX-512 VNNI oneDNN saturates 8-bit weights on full-range activations and lower() refuses
 # them (test_refuses_saturating_weights_without_vnni); 7-bit weights run exactly everywhere.
@@ -20,7 +20,7 @@ WB = 8 if exact_u8s8_kernels() else 7
 
 @pytest.fixture(scope="module")
 def lowered_small_net():
-    from conftest import make_small_net
+    from helpers import make_small_net
 
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 1, 6, 6, generator=g),) for _ in range(3)]
@@ -107,7 +107,7 @@ def test_property_weighted_recipe_compiles_and_matches_fake_quant(pair, wb):
 
 
 def test_refuses_saturating_weights_without_vnni():
-    from conftest import make_small_net
+    from helpers import make_small_net
 
     batches = [(torch.randn(8, 1, 6, 6),)]
     qat = fq.prepare(make_small_net(), batches[0], config=fq.QuantConfig(weight_bits=8))

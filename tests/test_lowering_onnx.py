@@ -13,7 +13,7 @@ from fxptqat.errors import ConfigError, LoweringError
 from fxptqat.lowering.onnx import OnnxRuntimeModule, export_onnx, fold_weight_quantization, weights_to_uint8
 from fxptqat.testing import traceable_models, weight_bits
 
-from conftest import same_state, state_of
+from helpers import same_state, state_of
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

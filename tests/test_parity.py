@@ -8,7 +8,7 @@ import torch.nn as nn
 import fxptqat as fq
 from fxptqat.parity import compare
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _calibrated(model, shape=(8, 1, 6, 6), **config):
@@ -87,6 +87,6 @@ def test_a_runtime_is_judged_at_the_network_output():
         good = compare(qat, int8, batches, tolerance_lsb=1.0, run=lambda *a: int8(*a))
         step = good.output_scale
         bad = compare(qat, int8, batches, tolerance_lsb=1.0, run=lambda *a: int8(*a) + 3 * step)
-    assert good.ok and good.output_ok and good.output_mean_abs <= good.output_tolerance
-    assert all(r.ok for r in bad.rows) and not bad.output_ok and not bad.ok
+    assert good.ok and good.coverage == 1.0 and good.output_ok and good.output_mean_abs <= good.output_tolerance
+    assert bad.rows and all(r.ok for r in bad.rows) and not bad.output_ok and not bad.ok
     assert "DIVERGES" in bad.table()

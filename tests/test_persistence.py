@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import fxptqat as fq
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 HERE = os.path.dirname(__file__)
 
@@ -37,7 +37,7 @@ def test_fake_quant_and_int8_survive_save_and_load_in_a_fresh_process(finetuned)
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {HERE!r})
-        from conftest import make_small_net
+        from helpers import make_small_net
         import fxptqat as fq
         d = {str(finetuned["dir"])!r}
         expected = torch.load(d + "/expected.pt")
@@ -58,10 +58,13 @@ def test_load_restores_stage_selection_and_stats(finetuned, small_net):
 
     assert meta.graph_info(qat).stage == meta.Stage.SELECTED
     trainable = {n.name for n, i in meta.quantized_nodes(qat) if i.trainable}
-    assert trainable == set(finetuned["selection"].trainable)
+    assert trainable and trainable == set(finetuned["selection"].trainable)
+    assert finetuned["selection"].frozen
     for name in finetuned["selection"].frozen:
         assert not any(p.requires_grad for p in qat.get_submodule(finetuned["selection"].sources[name]).parameters())
-    for node, info in meta.quantized_nodes(qat):
+    nodes = list(meta.quantized_nodes(qat))
+    assert [n.name for n, _ in nodes] == [r.name for r in finetuned["report"].rows]
+    for node, info in nodes:
         assert info.isolated == finetuned["report"].row(node.name).isolated
 
 

@@ -10,7 +10,7 @@ import fxptqat as fq
 from fxptqat.examples.data import batches
 from fxptqat.examples.models import accuracy
 
-from conftest import same_state, state_of
+from helpers import same_state, state_of
 
 STEPS = 150
 
@@ -72,7 +72,7 @@ def test_int8_agrees_with_fake_quant(mnist, w4):
 
 
 def test_frozen_parameters_and_bn_statistics_bit_identical(w4):
-    assert w4["selection"].frozen
+    assert w4["selection"].frozen and w4["frozen_state"].keys() == set(w4["selection"].frozen)
     for name, state in w4["frozen_state"].items():
         module = w4["qat"].get_submodule(w4["selection"].sources[name])
         assert same_state(module, state), name  # weights, bias, BN running stats, quantizer params
@@ -80,6 +80,8 @@ def test_frozen_parameters_and_bn_statistics_bit_identical(w4):
 
 
 def test_trainable_layers_moved(w4):
+    # every trainable layer, and there are some (frozen ones: the test above)
+    assert w4["selection"].trainable and w4["trainable_state"].keys() == set(w4["selection"].trainable)
     for name, state in w4["trainable_state"].items():
         module = w4["qat"].get_submodule(w4["selection"].sources[name])
         assert all(p.requires_grad for p in module.parameters())

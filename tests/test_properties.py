@@ -1,7 +1,9 @@
 """Hypothesis properties of the whole pipeline over models drawn from ``fxptqat.testing``.
 
 Every property runs on random valid conv / linear networks (BatchNorm, ReLU, residual adds,
-concatenation, fan-out) and random bit-widths; see ``DESIGN.md`` (section Tests).
+concatenation, fan-out) and random bit-widths. Each pass's own property (lint, honest ``modified``,
+idempotence) sits beside its tests in ``tests/passes/test_<pass>.py``. Hypothesis profiles: see
+``conftest.py`` (``dev``: random draws; ``ci``: derandomized).
 """
 
 from __future__ import annotations
@@ -21,34 +23,18 @@ from torch.ao.quantization import FakeQuantizeBase, disable_fake_quant, disable_
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
-from fxptqat.lowering import convert
-from fxptqat.passes.clamp_int_weights import clamp_int_weights
-from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
-from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
-from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
-from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
-from fxptqat.passes.insert_fake_quant import insert_fake_quant
-from fxptqat.passes.mark_trainable import mark_trainable
-from fxptqat.passes.pack_with_engine import engine_available, pack_with_engine
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
-from conftest import TwoCats
+from helpers import MODELS, TwoCats, node_named, property_batches, weighted_nodes
 
 EPS32 = torch.finfo(torch.float32).eps
 # One example (prepare, calibrate, measure, lower... on a small model) takes ~20-100 ms with one
 # torch thread; these counts keep the file near 30 s on 2 cores when every property holds.
 FAST = settings(max_examples=40, deadline=None)
 PIPELINE = settings(max_examples=30, deadline=None)
-MODELS = traceable_models(max_layers=4)
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _batches(model: nn.Module, x: torch.Tensor, n: int = 2) -> list[tuple[torch.Tensor]]:
-    """The example batch plus ``n - 1`` larger ones, seeded by the drawn model."""
-    g = torch.Generator().manual_seed(model.seed + 1)
-    return [(x,)] + [(torch.randn((x.shape[0] + i, *x.shape[1:]), generator=g),) for i in range(1, n)]
-
-
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -60,30 +46,12 @@ def _assert_same_state(module: nn.Module, before: dict[str, torch.Tensor], what:
     assert not changed, f"{what}: {changed} changed"
 
 
-def _weighted_nodes(gm: fx.GraphModule) -> set[str]:
-    """Nodes that call a module with a weight quantizer (what fxptqat quantizes)."""
-    return {
-        n.name
-        for n in gm.graph.nodes
-        if n.op == "call_module" and hasattr(gm.get_submodule(n.target), "weight_fake_quant")
-    }
-
-
 def _disable_quantization(gm: fx.GraphModule) -> None:
     """torch.ao's own switches; fxptqat's FakeQuantize must follow them."""
     gm.apply(disable_fake_quant)
     gm.apply(disable_observer)
-    for m in gm.modules():
-        if isinstance(m, FakeQuantize):
-            assert not m._fake_quant and not m._observe
-
-
-def _packed_int_weights(gm: fx.GraphModule) -> list[torch.Tensor]:
-    return [
-        m.weight().int_repr()
-        for m in gm.modules()
-        if hasattr(m, "set_weight_bias") and callable(getattr(m, "weight", None)) and m.weight().is_quantized
-    ]
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+    assert quantizers and all(not m._fake_quant and not m._observe for m in quantizers)
 
 
 def _adam_step(qat: fx.GraphModule, x: torch.Tensor, *, lr: float = 1.0) -> list[tuple[str, nn.Parameter]]:
@@ -118,14 +86,6 @@ def _abs_network_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(x.double().abs())
 
 
-def _fake_quant_calls(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)]
-
-
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
-
-
 def _max_reduction(model: nn.Module, x: torch.Tensor) -> int:
     """Longest sum any one output element needs: conv/linear fan-in, or the pooled H*W."""
     n = x.shape[-1] * x.shape[-2] if x.dim() == 4 else 1
@@ -137,118 +97,7 @@ def _max_reduction(model: nn.Module, x: torch.Tensor) -> int:
     return n
 
 
-# -- 1. passes lint and are idempotent -------------------------------------------------------------
-@FAST
-@given(MODELS, weight_bits(), act_bits(), st.data())
-def test_passes_lint_and_second_run_is_a_noop(pair, wb, ab, data):
-    model, inputs = pair
-    ops = data.draw(st.sampled_from(["all", "weighted"]), label="quantized_ops")
-    config = fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops)
-    gm = fq.api.trace(copy.deepcopy(model), config)
-
-    def twice(run_pass, expect_first: bool):
-        first = run_pass()
-        assert first.graph_module is gm and first.modified is expect_first
-        gm.graph.lint()
-        code = gm.code
-        second = run_pass()
-        assert second.graph_module is gm
-        assert second.modified is False
-        assert gm.code == code
-        gm.graph.lint()
-        return first
-
-    twice(lambda: insert_fake_quant(gm, config=config, example_inputs=inputs), True)
-    assert meta.graph_info(gm) is not None and _weighted_nodes(gm)
-    if ops == "weighted" and ab is not None:
-        # honest `modified`: True exactly when output quantizers left the graph; each one dropped had
-        # no quantized reader and was its own module; a second run is a no-op
-        quantized = {n for n, q in gm.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items() if q}
-        before = {n: i.output_quantizer for n, i in meta.quantized_nodes(gm)}
-        readers = {n: [u for u in _node(gm, q).users] for n, q in before.items() if q}
-        n_fq = len(_fake_quant_calls(gm))
-        first = drop_output_quantizers(gm)
-        gm.graph.lint()
-        dropped = [n for n, i in meta.quantized_nodes(gm) if before[n] and i.output_quantizer is None]
-        assert first.graph_module is gm and first.modified is bool(dropped)
-        assert len(_fake_quant_calls(gm)) == n_fq - len(dropped)
-        for node in dropped:
-            assert not any(u.name in quantized for u in readers[node] if u.op != "output")
-            assert not hasattr(gm, before[node])  # its module left the state dict
-            assert set(node.users) == set(readers[node])  # the readers now read the float value
-        assert {i.output_quantizer for n, i in meta.quantized_nodes(gm) if n not in dropped} == {
-            before[n] for n in before if n not in dropped}
-        code = gm.code
-        assert drop_output_quantizers(gm).modified is False and gm.code == code
-        event(f"output quantizers dropped: {bool(dropped)}")
-    # honest `modified`: True exactly when some quantizer got a range (drawn ReLU6s)
-    code = gm.code
-    fitted = fit_observers_to_clamps(gm)
-    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
-    assert fitted.modified is any(m.observe_range is not None for m in quantizers)
-    event(f"observers fitted to a clamp: {fitted.modified}")
-    assert all(m.observe_range in (None, (0.0, 6.0)) for m in quantizers)
-    assert gm.code == code and fit_observers_to_clamps(gm).modified is False
-    gm.graph.lint()
-
-    # calibration: observe only, run the batches, then freeze every quantizer
-    twice(lambda: observe_only(gm), True)
-    gm.eval()
-    with torch.no_grad():
-        for args in _batches(model, inputs[0]):
-            gm(*args)
-    twice(lambda: freeze_quantizers(gm), True)
-    assert all(m.frozen for m in gm.modules() if isinstance(m, FakeQuantize))
-
-    names = sorted(n.name for n, _ in meta.quantized_nodes(gm))
-    chosen = frozenset(data.draw(st.sets(st.sampled_from(names)), label="trainable"))
-    twice(lambda: mark_trainable(gm, trainable=chosen), True)  # NodeInfo.trainable was None
-    grads = [p.requires_grad for p in gm.parameters()]
-    assert mark_trainable(gm, trainable=chosen).modified is False
-    assert [p.requires_grad for p in gm.parameters()] == grads
-    if config.weighted_only:
-        return  # the passes below work on torch.ao's INT8 graph, which lower() refuses for this recipe
-
-    # lowering: push weights past the frozen scale (what fine-tuning does) so clamping has work
-    if data.draw(st.booleans(), label="push weights"):
-        with torch.no_grad():
-            for node, _ in meta.quantized_nodes(gm):
-                gm.get_submodule(node.target).weight.mul_(3.0)
-    int8 = convert(gm, config)
-    qmin, qmax = config.weight_qrange
-    first = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
-    assert first.graph_module is int8
-    int8.graph.lint()
-    code, ints = int8.code, _packed_int_weights(int8)
-    assert all(int(w.min()) >= qmin and int(w.max()) <= qmax for w in ints)
-    second = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
-    assert second.modified is False and int8.code == code
-    assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
-
-    # dropping clamps that cannot change a value: same outputs bit for bit, then a no-op
-    x = inputs[0]
-    before = int8(x)
-    dropped = drop_noop_clamps(int8)
-    assert dropped.graph_module is int8 and (not dropped.modified or fitted.modified)
-    int8.graph.lint()
-    assert torch.equal(int8(x), before)
-    code = int8.code
-    assert drop_noop_clamps(int8).modified is False and int8.code == code
-
-    # repacking for another engine: same graph, same integer weights, honest `modified`, then a no-op
-    engine = data.draw(st.sampled_from(("onednn", "qnnpack")), label="engine")
-    if engine_available(engine):
-        pin_all = data.draw(st.booleans(), label="pin every conv/linear")
-        first = pack_with_engine(int8, engine=engine, select=lambda m: pin_all)
-        assert first.graph_module is int8 and first.modified is (pin_all and bool(ints))
-        int8.graph.lint()
-        assert int8.code == code
-        assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
-        assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is (not pin_all and bool(ints))
-        assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is False
-
-
-# -- 2. fake-quant off == float ----------------------------------------------------------------------
+# -- 1. fake-quant off == float ----------------------------------------------------------------------
 @FAST
 @given(traceable_models(max_layers=5, allow_bn=False), weight_bits(), act_bits())
 def test_disabled_fake_quant_is_bitwise_float_without_bn(pair, wb, ab):
@@ -290,7 +139,7 @@ def test_disabled_fake_quant_matches_float_with_bn_within_roundoff(pair, wb, ab)
     assert bool((diff <= tol).all()), f"max diff {float(diff.max())}, tol there {float(tol.max())}"
 
 
-# -- 3. frozen state never moves -------------------------------------------------------------------
+# -- 2. frozen state never moves -------------------------------------------------------------------
 @PIPELINE
 @given(
     MODELS,
@@ -300,7 +149,7 @@ def test_disabled_fake_quant_matches_float_with_bn_within_roundoff(pair, wb, ab)
 )
 def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy):
     model, (x,) = pair
-    batches = _batches(model, x)
+    batches = property_batches(model, x)
     qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
     fq.calibrate(qat, batches)
     report = fq.measure_error(qat, batches)
@@ -338,7 +187,7 @@ def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy
         assert sel.trainable_params == 0 and not params
 
 
-# -- 4. INT8 == fake-quant within one quantization step --------------------------------------------
+# -- 3. INT8 == fake-quant within one quantization step --------------------------------------------
 @pytest.mark.parametrize("ab, ops", [(8, "all"), (None, "all"), (8, "weighted")],
                          ids=["act8", "weight-only", "act8-weighted"])
 def test_lowered_int8_matches_fake_quant(ab, ops):
@@ -347,7 +196,7 @@ def test_lowered_int8_matches_fake_quant(ab, ops):
     @given(MODELS, weight_bits())
     def check(pair, wb):
         model, (x,) = pair
-        batches = _batches(model, x)
+        batches = property_batches(model, x)
         qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
         fq.calibrate(qat, batches)
         if ops == "weighted":  # its runtimes are the reference-graph ones; torch.ao's convert refuses
@@ -358,13 +207,13 @@ def test_lowered_int8_matches_fake_quant(ab, ops):
             int8 = fq.lower(qat)
         parity = fq.check_parity(qat, int8, batches)
         assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
-        assert {r.name for r in parity.rows} <= _weighted_nodes(qat)
+        assert {r.name for r in parity.rows} <= weighted_nodes(qat)
         for row in parity.rows:
             # tolerance derived from the output quantizer's step, not a hand-tuned constant
-            if ab is None or meta.node_info(_node(qat, row.name)).output_quantizer is None:
+            if ab is None or meta.node_info(node_named(qat, row.name)).output_quantizer is None:
                 assert row.scale is None
-            elif row.scale is not None:
-                assert row.tolerance == pytest.approx(row.scale, rel=2e-3)
+            else:  # a calibrated activation quantizer: frozen, per tensor
+                assert row.scale is not None and row.tolerance == pytest.approx(row.scale, rel=2e-3)
 
     check()
 
@@ -381,7 +230,7 @@ def test_lowered_int8_matches_fake_quant_when_one_value_feeds_two_cats():
 
 def _parity_after_finetune(pair, wb, ab):
     model, (x,) = pair
-    batches = _batches(model, x)
+    batches = property_batches(model, x)
     qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
     fq.calibrate(qat, batches)
     fq.select_trainable(qat, fq.measure_error(qat, batches), policy=fq.AllLayers())
@@ -401,19 +250,19 @@ def test_lowered_int8_matches_fake_quant_after_finetuning(ab):
     check()
 
 
-# -- 5. error metrics ------------------------------------------------------------------------------
+# -- 4. error metrics ------------------------------------------------------------------------------
 @PIPELINE
 @given(MODELS, weight_bits(), act_bits())
 def test_error_is_zero_exactly_when_nothing_is_quantized(pair, wb, ab):
     model, (x,) = pair
-    batches = _batches(model, x)
+    batches = property_batches(model, x)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fxptqat: .* stay in float")
         qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
     fq.calibrate(qat, batches)
 
     report = fq.measure_error(qat, batches)
-    weighted = _weighted_nodes(qat)
+    weighted = weighted_nodes(qat)
     assert [r.name for r in report.rows] == [n.name for n in qat.graph.nodes if n.name in weighted]
     float_layers = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert {r.source for r in report.rows} == float_layers
@@ -432,14 +281,14 @@ def test_error_is_zero_exactly_when_nothing_is_quantized(pair, wb, ab):
             assert s.cosine == 1.0 and s.sqnr_db == math.inf, r.name
 
 
-# -- 6. the user's model is never touched ----------------------------------------------------------
+# -- 5. the user's model is never touched ----------------------------------------------------------
 @PIPELINE
 @given(MODELS, weight_bits(), act_bits(), st.booleans())
 def test_pipeline_leaves_the_users_model_unchanged(pair, wb, ab, training):
     model, (x,) = pair
     model.train(training)
     before = copy.deepcopy(model)
-    batches = _batches(model, x)
+    batches = property_batches(model, x)
 
     qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
     assert {id(t) for t in model.state_dict(keep_vars=True).values()}.isdisjoint(
@@ -463,12 +312,12 @@ def test_pipeline_leaves_the_users_model_unchanged(pair, wb, ab, training):
             assert torch.equal(model(x), before(x))
 
 
-# -- 7. measure_error does not depend on batch order -----------------------------------------------
+# -- 6. measure_error does not depend on batch order -----------------------------------------------
 @PIPELINE
 @given(MODELS, weight_bits(), act_bits(), st.permutations(range(3)))
 def test_measure_error_is_independent_of_batch_order(pair, wb, ab, order):
     model, (x,) = pair
-    batches = _batches(model, x, n=3)
+    batches = property_batches(model, x, n=3)
     shuffled = [batches[i] for i in order]
     config = fq.QuantConfig(weight_bits=wb, act_bits=ab)
     a = fq.prepare(model, (x,), config=config)

@@ -8,7 +8,7 @@ import fxptqat as fq
 from fxptqat.examples.models import SmallViT
 from fxptqat.persistence import _config_from_dict, _config_to_dict
 
-from conftest import make_small_net
+from helpers import make_small_net
 
 
 def _vit():
@@ -45,7 +45,9 @@ def test_weighted_recipe_quantizes_only_conv_and_linear_and_keeps_parity(build, 
         assert parity.ok and parity.coverage == 1.0, parity.table()
         qats[ops] = qat
     weighted = qats["weighted"]
-    for q in _activation_quantizers(weighted):
+    activation_quantizers = _activation_quantizers(weighted)
+    assert activation_quantizers
+    for q in activation_quantizers:
         # at a weighted layer's output, or in front of weighted layers (or the graph output) only
         users = [u for u in q.users if u.op != "output"]
         assert _weighted(q.args[0], weighted) or all(_weighted(u, weighted) for u in users), q.name

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.fx
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from torch import nn
@@ -77,7 +77,9 @@ def test_same_seed_rebuilds_identical_model_without_touching_global_rng(pair):
 @given(traceable_models(allow_linear=False, allow_bn=True))
 def test_batchnorm_is_non_trivial(pair):
     model, _ = pair
-    for bn in _modules(model, nn.BatchNorm2d):
+    bns = _modules(model, nn.BatchNorm2d)
+    assume(bns)  # a drawn conv gets BatchNorm half the time: judge the models that have one
+    for bn in bns:
         assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
         assert not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
         assert int(bn.num_batches_tracked) == 0

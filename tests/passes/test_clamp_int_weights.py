@@ -1,10 +1,16 @@
 import torch
 import torch.nn as nn
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.lowering import convert
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.testing import act_bits, weight_bits
+
+from helpers import MODELS, converted, int_weights
 
 
 def _push_weights_out_of_range(qat):
@@ -67,3 +73,36 @@ def test_lower_applies_it():
     assert int(_int_weights(int8, "0").abs().max()) == 7
     parity = fq.check_parity(qat, int8, data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+def _stored_weights(int8):
+    """What the pass may rewrite: packed int8 weights, and reference modules' float weights."""
+    return [
+        m.weight.detach().clone() if isinstance(m, ReferenceQuantizedModule) else m.weight().int_repr()
+        for m in int8.modules()
+        if isinstance(m, ReferenceQuantizedModule)
+        or (hasattr(m, "set_weight_bias") and callable(getattr(m, "weight", None)) and m.weight().is_quantized)
+    ]
+
+
+@settings(max_examples=5, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.booleans())
+def test_property_clamps_to_the_simulated_grid_and_second_run_is_a_noop(pair, wb, ab, push):
+    model, (x,) = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab)
+    _, int8 = converted(model, x, config, push_weights=push)
+    qmin, qmax = config.weight_qrange
+    stored = _stored_weights(int8)
+    first = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    assert first.graph_module is int8
+    # honest `modified`: True exactly when a weight changed; pushed weights always leave the grid
+    changed = any(not torch.equal(a, b) for a, b in zip(stored, _stored_weights(int8), strict=True))
+    assert first.modified is changed and (changed or not push)
+    event(f"weights clamped: {changed}")
+    int8.graph.lint()
+    code, ints = int8.code, int_weights(int8)
+    assert ints  # packed int8 weights, or what a weight-only graph's reference modules run
+    assert all(int(w.min()) >= qmin and int(w.max()) <= qmax for w in ints)
+    second = clamp_int_weights(int8, qmin=qmin, qmax=qmax)
+    assert second.modified is False and int8.code == code
+    assert all(torch.equal(a, b) for a, b in zip(ints, int_weights(int8), strict=True))

@@ -1,11 +1,17 @@
 import torch
 import torch.nn as nn
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from test_fit_observers_to_clamps import ConvReLU6, _conv_output_quantizer, _data
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.lowering import convert
+from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
+from fxptqat.testing import act_bits, weight_bits
+
+from helpers import MODELS, converted, fake_quants
 
 
 def _calibrated(fit: bool = True):
@@ -57,3 +63,23 @@ def test_other_unused_submodules_are_kept():
     int8.add_submodule("spare", nn.Linear(2, 2))  # not called by the graph: not this pass's business
     assert drop_noop_clamps(int8).modified is True
     assert isinstance(int8.get_submodule("spare"), nn.Linear)
+
+
+@settings(max_examples=4, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.booleans())
+def test_property_same_outputs_bit_for_bit_and_second_run_is_a_noop(pair, wb, ab, push):
+    """Only clamps that cannot change a value go, so outputs stay bit-identical; there are such
+    clamps only where an observer was fitted to one (``fit_observers_to_clamps``)."""
+    model, (x,) = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab)
+    qat, int8 = converted(model, x, config, push_weights=push)
+    clamp_int_weights(int8, qmin=config.weight_qrange[0], qmax=config.weight_qrange[1])  # as lower() does first
+    fitted = any(q.observe_range is not None for q in fake_quants(qat))
+    before = int8(x)
+    dropped = drop_noop_clamps(int8)
+    assert dropped.graph_module is int8 and (not dropped.modified or fitted)
+    event(f"clamps dropped: {dropped.modified}")
+    int8.graph.lint()
+    assert torch.equal(int8(x), before)
+    code = int8.code
+    assert drop_noop_clamps(int8).modified is False and int8.code == code

@@ -3,12 +3,16 @@ import platform
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import event, given, settings
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
+from fxptqat.testing import act_bits, weight_bits
+
+from helpers import MODELS, fake_quant_calls, inserted, node_named
 
 WEIGHTED = fq.QuantConfig(quantized_ops="weighted")
 
@@ -182,3 +186,34 @@ def test_reference_graph_lowerings_handle_a_float_read_quantized_cat():
     lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=data[0])
     parity = fq.check_parity(qat, lowered, data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+@settings(max_examples=5, deadline=None)
+@given(MODELS, weight_bits(), act_bits().filter(lambda bits: bits is not None))
+def test_property_drops_exactly_the_unread_output_quantizers(pair, wb, ab):
+    """On the weighted recipe with quantized activations (the only one prepare() runs it on):
+    honest ``modified`` (True exactly when output quantizers left the graph), each one dropped had
+    no quantized reader and was its own module, and a second run is a no-op."""
+    model, inputs = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops="weighted")
+    gm = inserted(model, inputs, config)
+    quantized = {n for n, q in gm.meta["_observed_graph_module_attrs"].node_name_to_qconfig.items() if q}
+    before = {n: i.output_quantizer for n, i in meta.quantized_nodes(gm)}
+    assert before  # every drawn model has a conv or linear
+    readers = {n: list(node_named(gm, q).users) for n, q in before.items() if q}
+    n_fq = len(fake_quant_calls(gm))
+    first = drop_output_quantizers(gm)
+    gm.graph.lint()
+    dropped = [n for n, i in meta.quantized_nodes(gm) if before[n] and i.output_quantizer is None]
+    assert first.graph_module is gm and first.modified is bool(dropped)
+    assert len(fake_quant_calls(gm)) == n_fq - len(dropped)
+    for node in dropped:
+        assert not any(u.name in quantized for u in readers[node] if u.op != "output")
+        assert not hasattr(gm, before[node])  # its module left the state dict
+        assert set(node.users) == set(readers[node])  # the readers now read the float value
+    assert {i.output_quantizer for n, i in meta.quantized_nodes(gm) if n not in dropped} == {
+        before[n] for n in before if n not in dropped}
+    code = gm.code
+    assert drop_output_quantizers(gm).modified is False and gm.code == code
+    gm.graph.lint()
+    event(f"output quantizers dropped: {bool(dropped)}")

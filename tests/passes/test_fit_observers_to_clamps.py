@@ -2,11 +2,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
+from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import clamp_range, fit_observers_to_clamps
+from fxptqat.testing import act_bits, weight_bits
+
+from helpers import MODELS, fake_quants, inserted
 
 
 class ConvReLU6(nn.Module):
@@ -105,7 +111,8 @@ def test_quantizer_with_another_consumer_is_left_alone():
             return torch.cat([self.act(y), y], dim=1)
 
     qat = fq.prepare(Both().eval(), _data()[0])
-    assert all(m.observe_range is None for m in qat.modules() if isinstance(m, FakeQuantize))
+    quantizers = fake_quants(qat)
+    assert quantizers and all(m.observe_range is None for m in quantizers)
 
 
 def test_one_sided_clamp_is_not_a_range():
@@ -129,3 +136,24 @@ def test_pass_is_honest_and_idempotent():
 def test_weight_only_graphs_have_nothing_to_fit():
     qat = _prepared(nn.ReLU6(), fq.QuantConfig(act_bits=None))
     assert fit_observers_to_clamps(qat).modified is False
+
+
+@settings(max_examples=6, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]))
+def test_property_fits_only_clamped_quantizers_and_second_run_is_a_noop(pair, wb, ab, ops):
+    """Honest ``modified``: True exactly when some quantizer got a range (drawn ReLU6s); the graph's
+    code does not change; a second run is a no-op."""
+    model, inputs = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops)
+    gm = inserted(model, inputs, config)
+    if config.weighted_only:
+        drop_output_quantizers(gm)  # what prepare() runs before this pass on that recipe
+    code = gm.code
+    fitted = fit_observers_to_clamps(gm)
+    quantizers = fake_quants(gm)
+    assert quantizers and fitted.graph_module is gm
+    assert fitted.modified is any(m.observe_range is not None for m in quantizers)
+    event(f"observers fitted to a clamp: {fitted.modified}")
+    assert all(m.observe_range in (None, (0.0, 6.0)) for m in quantizers)
+    assert gm.code == code and fit_observers_to_clamps(gm).modified is False
+    gm.graph.lint()

@@ -1,10 +1,13 @@
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
+from fxptqat.testing import act_bits, weight_bits
 
-from conftest import make_small_net
+from helpers import MODELS, make_small_net, property_batches, run_twice
 
 
 def _quantizers(gm):
@@ -14,7 +17,8 @@ def _quantizers(gm):
 def test_observe_then_freeze():
     qat = fq.prepare(make_small_net(), torch.randn(2, 1, 6, 6))
     assert observe_only(qat).modified is True
-    assert all(q._observe and not q._fake_quant for q in _quantizers(qat))
+    quantizers = _quantizers(qat)
+    assert quantizers and all(q._observe and not q._fake_quant for q in quantizers)
     assert observe_only(qat).modified is False  # idempotent
     x = torch.randn(8, 1, 6, 6)
     with torch.no_grad():
@@ -44,3 +48,31 @@ def test_frozen_scale_matches_observed_range():
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     assert abs(float(first.scale) - (hi - lo) / 255) < 1e-6
 
+
+RECIPES = st.sampled_from(["all", "weighted"])
+
+
+@settings(max_examples=4, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), RECIPES)
+def test_property_observe_only_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
+    model, inputs = pair
+    gm = fq.prepare(model, inputs, config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
+    run_twice(gm, lambda: observe_only(gm), modified=True)
+    quantizers = _quantizers(gm)
+    assert quantizers and all(q._observe and not q._fake_quant for q in quantizers)
+
+
+@settings(max_examples=4, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), RECIPES)
+def test_property_freeze_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
+    """Calibration's last step: observe only, run the batches, then freeze every quantizer."""
+    model, inputs = pair
+    gm = fq.prepare(model, inputs, config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
+    observe_only(gm)
+    gm.eval()
+    with torch.no_grad():
+        for args in property_batches(model, inputs[0]):
+            gm(*args)
+    run_twice(gm, lambda: freeze_quantizers(gm), modified=True)
+    quantizers = _quantizers(gm)
+    assert quantizers and all(q.frozen for q in quantizers)

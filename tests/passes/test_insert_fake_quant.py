@@ -1,16 +1,20 @@
+import copy
 import textwrap
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.api import trace
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
+from fxptqat.testing import act_bits, weight_bits
 
-from conftest import TwoCats, make_small_net, same_state, state_of
+from helpers import MODELS, TwoCats, make_small_net, run_twice, same_state, state_of, weighted_nodes
 
 EX = (torch.randn(2, 1, 6, 6),)
 
@@ -130,3 +134,13 @@ def test_every_cat_input_is_on_the_cats_output_grid():
         assert all(modules[a.target] is out_q for a in cat.args[0]), cat.name
     # the first cat got one requantize: its input v1 is quantized on the second cat's grid
     assert len([n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("activation")]) == 7
+
+
+@settings(max_examples=8, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]))
+def test_property_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
+    model, inputs = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops)
+    gm = trace(copy.deepcopy(model), config)
+    run_twice(gm, lambda: insert_fake_quant(gm, config=config, example_inputs=inputs), modified=True)
+    assert meta.graph_info(gm) is not None and weighted_nodes(gm)

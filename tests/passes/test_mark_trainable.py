@@ -1,11 +1,14 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.passes.mark_trainable import mark_trainable
+from fxptqat.testing import act_bits, weight_bits
 
-from conftest import make_small_net
+from helpers import MODELS, make_small_net, property_batches, run_twice
 
 
 @pytest.fixture
@@ -68,3 +71,17 @@ def test_unknown_node_is_refused(qat):
 def test_bad_option(qat):
     with pytest.raises(fq.ConfigError):
         mark_trainable(qat, trainable=frozenset(), bn_stats="sometimes")
+
+
+@settings(max_examples=5, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]), st.data())
+def test_property_lints_and_second_run_is_a_noop(pair, wb, ab, ops, data):
+    model, (x,) = pair
+    gm = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
+    fq.calibrate(gm, property_batches(model, x))
+    names = sorted(n.name for n, _ in meta.quantized_nodes(gm))
+    chosen = frozenset(data.draw(st.sets(st.sampled_from(names)), label="trainable"))
+    run_twice(gm, lambda: mark_trainable(gm, trainable=chosen), modified=True)  # NodeInfo.trainable was None
+    grads = [p.requires_grad for p in gm.parameters()]
+    assert mark_trainable(gm, trainable=chosen).modified is False
+    assert [p.requires_grad for p in gm.parameters()] == grads

@@ -3,12 +3,19 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 import fxptqat as fq
 from fxptqat import meta
 from fxptqat.lowering import convert, exact_u8s8_kernels, quantized_engine, x86_routes_to_fbgemm
 from fxptqat.passes import pack_with_engine as pass_module
+from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine, packed_with
+from fxptqat.testing import act_bits, weight_bits
+
+from helpers import MODELS, converted
 
 pytestmark = pytest.mark.skipif(
     not (engine_available("onednn") and engine_available("qnnpack")), reason="torch built without onednn/qnnpack"
@@ -63,7 +70,8 @@ def test_lower_pins_the_depthwise_conv_and_keeps_parity():
     if exact_u8s8_kernels():
         assert packed_with(_module(int8, "0")) is None  # x86 already uses oneDNN there
     else:  # every 8-bit conv/linear can saturate on full-range activations without VNNI
-        assert all(packed_with(m) == "qnnpack" for m in int8.modules() if may_saturate(m))
+        saturating = [m for m in int8.modules() if may_saturate(m)]
+        assert saturating and all(packed_with(m) == "qnnpack" for m in saturating)
     parity = fq.check_parity(qat, int8, data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
 
@@ -157,3 +165,33 @@ def test_qnnpack_fixes_saturation_without_vnni():
     else:
         assert not plain_parity.ok, "fbgemm without VNNI should saturate on these full-range inputs"
 
+
+
+def _packed_int_weights(gm):
+    return [
+        m.weight().int_repr()
+        for m in gm.modules()
+        if hasattr(m, "set_weight_bias") and callable(getattr(m, "weight", None)) and m.weight().is_quantized
+    ]
+
+
+@settings(max_examples=4, deadline=None)
+@given(MODELS, weight_bits(), act_bits(), st.booleans(), st.sampled_from(("onednn", "qnnpack")), st.booleans())
+def test_property_same_graph_and_integer_weights_and_second_run_is_a_noop(pair, wb, ab, push, engine, pin_all):
+    """Repacking for another engine: same graph, same integer weights, honest ``modified`` (weight-only
+    graphs have no packed weights: nothing to repack), then a no-op."""
+    model, (x,) = pair
+    config = fq.QuantConfig(weight_bits=wb, act_bits=ab)
+    _, int8 = converted(model, x, config, push_weights=push)
+    clamp_int_weights(int8, qmin=config.weight_qrange[0], qmax=config.weight_qrange[1])  # lower()'s order
+    drop_noop_clamps(int8)
+    code, ints = int8.code, _packed_int_weights(int8)
+    assert bool(ints) is (ab is not None)
+    event(f"packed weights: {bool(ints)}")
+    first = pack_with_engine(int8, engine=engine, select=lambda m: pin_all)
+    assert first.graph_module is int8 and first.modified is (pin_all and bool(ints))
+    int8.graph.lint()
+    assert int8.code == code
+    assert all(torch.equal(a, b) for a, b in zip(ints, _packed_int_weights(int8), strict=True))
+    assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is (not pin_all and bool(ints))
+    assert pack_with_engine(int8, engine=engine, select=lambda m: True).modified is False

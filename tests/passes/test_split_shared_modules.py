@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from fxptqat.passes.split_shared_modules import split_shared_modules
 
-from conftest import Twice
+from helpers import Twice
 
 GOLDEN = """
 def forward(self, x):
