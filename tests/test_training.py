@@ -93,3 +93,14 @@ def test_the_core_never_imports_planning():
     offenders = [p.name for p in core if "planning" in "".join(
         line for line in p.read_text().splitlines(keepends=True) if line.lstrip().startswith(("from ", "import ")))]
     assert not offenders
+
+
+def test_import_fxptqat_needs_no_numpy_onnx_or_examples_deps():
+    # numpy is not a declared dependency: only the onnxruntime lowering (lazily) and the examples use it
+    code = ("import sys\n"
+            "for name in ('numpy', 'onnx', 'onnxruntime', 'mlxtend', 'sklearn'):\n"
+            "    sys.modules[name] = None\n"
+            "import fxptqat, fxptqat.planning, fxptqat.passes, fxptqat.testing, fxptqat.lowering\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
