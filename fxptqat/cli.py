@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .analyze import run_cli
 from .errors import ConfigError, FxptqatError
 from .planning import optimal_qat_fraction, plan_qat, tokens_per_parameter_byte
 
@@ -98,6 +99,19 @@ def _count(text: str) -> int:
     return int(value)
 
 
+def _analyze(args) -> int:
+    result = run_cli(args.target, bits=args.bits, policy=args.policy, out=args.out, lower=args.lower,
+                     progress=not args.no_progress and sys.stderr.isatty())
+    sel = result.selection
+    print(f"{len(result.report.rows)} weighted nodes; {len(sel.trainable)} QAT / {len(sel.frozen)} frozen "
+          f"under {sel.policy}" + ("" if result.parity is None else
+                                   f"; parity {'ok' if result.parity.ok else 'DIVERGES'} "
+                                   f"(coverage {result.parity.coverage:.0%})"))
+    print(f"wrote {result.files['report.html']}, {result.files['report.json']} and "
+          f"{len(result.files) - 2} plots")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fxptqat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--a", type=float, default=6.7297, help="a of exp(-a/ln S) (default: the paper's 6.7297)")
     plan.add_argument("--json", help="also write the numbers to this JSON file")
     plan.set_defaults(func=_plan)
+    analyze = sub.add_parser(
+        "analyze", help="per-node error report (HTML, JSON, plots) of your own model",
+        description="FUNCTION() in your file returns (model, example_inputs, batches) or (model, example_inputs, "
+        "batches, evaluate); evaluate(model) -> score adds task-level sensitivity per node.",
+    )
+    analyze.add_argument("target", metavar="PATH.py:FUNCTION")
+    analyze.add_argument("--bits", default="W4A8", help="W<weight bits>A<activation bits> or W<bits> (default W4A8)")
+    analyze.add_argument("--policy", default="threshold=0.01",
+                         help="threshold[=THETA], adaptive, fraction=F, count=N, all, none (default threshold=0.01)")
+    analyze.add_argument("--out", default="fxptqat-report", help="output directory (default fxptqat-report)")
+    analyze.add_argument("--lower", choices=["torch", "onnxruntime", "inductor"],
+                         help="also lower to this runtime and check parity node by node")
+    analyze.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    analyze.set_defaults(func=_analyze)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

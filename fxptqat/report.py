@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 from tabulate import tabulate
 
+from . import report_html
 from .errors import InputError
 from .stats import ErrorStats
 
@@ -62,6 +63,21 @@ class ErrorReport:
                 line.append(marks.get(r.name, ""))
             body.append(line)
         return tabulate(body, headers=headers, tablefmt=tablefmt)
+
+    def plots(self, *, selection=None, parity=None, sensitivity=None, policy=None) -> dict[str, bytes]:
+        """PNG plots (name -> bytes) of the error per node; needs matplotlib (``fxptqat[plots]``)."""
+        return report_html.plots(self, selection=selection, parity=parity, sensitivity=sensitivity, policy=policy)
+
+    def to_html(self, path, *, selection=None, policy=None, parity=None, sensitivity=None, config=None,
+                timings=None, plots: bool = True, title: str = "fxptqat sensitivity report") -> None:
+        """Write a self-contained HTML report (plots embedded) to ``path``; see fxptqat/report_html.py."""
+        images = (self.plots(selection=selection, parity=parity, sensitivity=sensitivity, policy=policy)
+                  if plots else None)
+        text = report_html.render_html(self, selection=selection, policy=policy, parity=parity,
+                                       sensitivity=sensitivity, config=config, timings=timings, title=title,
+                                       images=images)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
     def to_json(self) -> str:
         return json.dumps(_encode(dataclasses.asdict(self)), indent=1)

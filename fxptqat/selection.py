@@ -21,6 +21,7 @@ from . import meta
 from .config import _choice, check_finite, strict_options
 from .errors import ConfigError, InputError
 from .report import ErrorRow
+from .stats import badness as stats_badness
 
 __all__ = [
     "Threshold", "Fraction", "Count", "Random", "AllLayers", "NoLayers", "Adaptive", "Selection",
@@ -33,12 +34,7 @@ KEEPS = ("low", "high")
 
 
 def badness(row: ErrorRow, metric: str, mode: str) -> float:
-    stats = row.stats(mode)
-    if metric == "mse":
-        return stats.mse
-    if metric == "cosine":
-        return 1.0 - stats.cosine
-    return -stats.sqnr_db
+    return stats_badness(row.stats(mode), metric)
 
 
 def _check_common(owner: str, metric: str, mode: str, keep: str) -> None:

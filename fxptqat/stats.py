@@ -72,3 +72,12 @@ class RunningError:
         if self.sq_err == 0.0:
             cosine = 1.0
         return ErrorStats(mse=mse, sqnr_db=sqnr, cosine=cosine, max_abs=self.max_abs, count=self.count)
+
+
+def badness(stats: ErrorStats, metric: str) -> float:
+    """Larger is worse: MSE, 1 - cosine, or -SQNR (dB)."""
+    if metric == "mse":
+        return stats.mse
+    if metric == "cosine":
+        return 1.0 - stats.cosine
+    return -stats.sqnr_db
