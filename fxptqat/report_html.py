@@ -28,7 +28,7 @@ th,td{border-bottom:1px solid #e4e4e4;padding:4px 6px;text-align:right;white-spa
 th{cursor:pointer;background:#f6f6f6;position:sticky;top:0} th:hover{background:#ececec}
 td.l,th.l{text-align:left} tr.frozen td{background:#fff6e5} tr.qat td{background:#eef8ee}
 .bad{color:#b00020;font-weight:600} .ok{color:#1a7f37} img{max-width:100%;border:1px solid #eee;margin:6px 0}
-.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(560px,1fr));gap:12px} code{background:#f3f3f3;padding:1px 4px}
+.plots{display:grid;grid-template-columns:1fr;gap:12px} code{background:#f3f3f3;padding:1px 4px}
 """
 # Click a header to sort by it (numbers numerically, by data-v); click again to reverse.
 _SCRIPT = """
