@@ -149,6 +149,10 @@ def _share_output_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
         if pattern.observation_type == ObservationType.OUTPUT_SHARE_OBSERVER_WITH_INPUT:
             shared.add(pattern.pattern)
     shared -= {torch.cat, torch.stack}  # several inputs: _requantize_cat_inputs puts them on one grid
+    # Dropout gets an observer of its own at prepare, but convert_fx lowers it to the quantized
+    # Dropout, an identity that keeps its input's grid: in eval it is an output-sharing op (timm's
+    # MLP-Mixer / Swin heads read such a value: the head diverged 1.3 steps)
+    shared |= {torch.nn.Dropout, torch.nn.functional.dropout}
 
     def is_quantizer(node) -> bool:
         return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(

@@ -144,3 +144,33 @@ def test_property_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
     gm = trace(copy.deepcopy(model), config)
     run_twice(gm, lambda: insert_fake_quant(gm, config=config, example_inputs=inputs), modified=True)
     assert meta.graph_info(gm) is not None and weighted_nodes(gm)
+
+
+class _DropoutHead(torch.nn.Module):
+    """timm's MLP-Mixer / Swin head: norm -> mean over tokens -> Dropout -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(6, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.head_drop = torch.nn.Dropout(0.1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.norm(self.proj(x)).mean(1)
+        return self.head(self.head_drop(x))
+
+
+def test_dropout_keeps_its_inputs_grid_as_the_int8_dropout_does():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 7, 6, generator=g) * 2,) for _ in range(3)]
+    qat = fq.prepare(_DropoutHead().eval(), batches[0], config=fq.QuantConfig(weight_bits=7, act_bits=8))
+    nodes = {n.name: n for n in qat.graph.nodes}
+    drop = nodes["head_drop"]
+    (out_q,) = drop.users
+    assert out_q.target == drop.args[0].target  # the input's quantizer, not one of its own
+    fq.calibrate(qat, batches)
+    parity = fq.check_parity(qat, fq.lower(qat), batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+    assert "head_drop" in {r.name for r in parity.ops}  # the op itself was checked
