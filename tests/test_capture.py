@@ -77,3 +77,49 @@ def test_steps_after_capture_never_import_torch_ao():
         bad = sorted(m for m in _imports(path) if m == "torch.ao" or m.startswith("torch.ao."))
         assert not bad, f"fxptqat/{name} imports {bad}"
     assert checked >= 18
+
+
+class _PlainLinear(nn.Linear):
+    """timm.layers.Linear's shape: a subclass whose forward is F.linear."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2.0 * torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Heads(nn.Module):
+    def __init__(self, head: type):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head = head(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def test_a_subclass_computing_its_base_is_quantized_as_a_module_and_the_user_model_kept():
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 6),) for _ in range(2)]
+    model = _Heads(_PlainLinear).eval()
+    qat = fq.prepare(model, batches[0])
+    weighted = {n.name for n, _ in meta.quantized_nodes(qat)}
+    assert weighted == {"body", "head"}  # measured, selectable and compared like any Linear
+    assert type(model.head) is _PlainLinear  # only prepare's copy changed class
+    fq.calibrate(qat, batches)
+    parity = fq.check_parity(qat, fq.lower(qat), batches)
+    assert parity.ok and parity.coverage == 1.0 and {r.name for r in parity.rows} == weighted, parity.table()
+
+
+def test_a_subclass_computing_something_else_is_traced_into():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    model = _Heads(_ScaledLinear).eval()
+    qat = fq.prepare(model, (x,))
+    assert {n.name for n, _ in meta.quantized_nodes(qat)} == {"body"}
+    targets = [n.target for n in qat.graph.nodes if n.op == "call_function"]
+    assert torch.nn.functional.linear in targets  # its forward, traced: the scale stays in the graph
+    assert type(qat.get_submodule("body")).__name__ == "Linear"  # the QAT Linear of the plain layer

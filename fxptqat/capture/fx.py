@@ -4,6 +4,7 @@ and the graph passes that make its QAT graph what fxptqat simulates."""
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 
 import torch
@@ -19,9 +20,12 @@ from fxptqat.passes.split_shared_modules import split_shared_modules
 from .. import meta
 from ..config import QuantConfig
 from ..interpreter import CheckedInterpreter
+from .subclasses import plain_weighted_subclasses
 from .tracing import graph_inputs, trace
 
 __all__ = ["capture_fx"]
+
+log = logging.getLogger(__name__)
 
 
 def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config: QuantConfig) -> fx.GraphModule:
@@ -31,8 +35,11 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     ``model.forward``'s signature; other arguments are baked in (see :func:`graph_inputs`).
     """
     names, _ = graph_inputs(model, len(example_inputs), kwargs)
-    example_inputs = (*example_inputs, *(kwargs[n] for n in names[len(example_inputs):]))
     work = copy.deepcopy(model)
+    swapped = plain_weighted_subclasses(work, example_inputs, kwargs)
+    if swapped:
+        log.info("weighted subclass modules quantized as their base class: %s", ", ".join(swapped))
+    example_inputs = (*example_inputs, *(kwargs[n] for n in names[len(example_inputs):]))
     gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
