@@ -101,6 +101,16 @@ def test_cnn_runs_every_step(run):
     assert rec["fidelity"]["fxptqat_fake_quant"] is not None and rec["fidelity"]["fx_default"] is not None
 
 
+def test_the_small_models_keep_parity_on_every_runtime(run):
+    # the zoo's goal on its fast subset: every runtime ok, every weighted node compared
+    checked = 0
+    for rec in run[0]:
+        for runtime, r in rec["runtimes"].items():
+            assert r["parity_ok"] and r["coverage"] == 1.0, (rec["model"], runtime, r)
+            checked += 1
+    assert checked == 3  # squeezenet on torch and onnxruntime, the ViT on torch
+
+
 def test_markdown_renders(zoo, run):
     records, meta, _ = run
     md = zoo.markdown(records, meta)
