@@ -15,8 +15,9 @@ its own), on the same calibrated fxptqat QAT graph and the same N batches:
 * ``ns_both``: both, i.e. what gives Numeric Suite the two quantities measure_error computes.
 
 Time: wall time of the method (setup included for Numeric Suite: adding loggers is part of its job),
-median over ``--repeats``. Memory: the process's peak RSS during the method above its RSS just before
-(Linux ``/proc/self/clear_refs`` resets the peak). One thread. Ratios are measured side by side in one
+median over ``--repeats`` calls after a first one. Memory: the process's peak RSS during that first
+call above its RSS just before (Linux ``/proc/self/clear_refs`` resets the peak; later calls reuse
+what the allocator kept and would undercount). One thread. Ratios are measured side by side in one
 run; absolute times vary between runs on this shared machine.
 """
 
@@ -109,19 +110,24 @@ def child(model: str, method: str, n: int, quick: bool, repeats: int) -> dict:
 
     fn = {"fake_quant": fake_quant, "measure_error": measure, "ns_loggers": ns_loggers, "ns_shadow": ns_shadow,
           "ns_both": ns_both}[method]
-    fn()  # warm-up (and the first Numeric Suite import)
-    times, peaks = [], []
+    import torch.ao.ns._numeric_suite_fx  # noqa: F401  (imported before any measurement)
+
+    # memory on the first call: after it the allocator keeps what it freed, and a later call's
+    # peak above its start would undercount; times from the calls after it
+    before = _rss_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    out = fn()
+    peak = max(0, _rss_kb("VmHWM") - before) / 1024
+    del out
+    times = []
     for _ in range(repeats):
-        before = _rss_kb("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)
-        peaks.append(max(0, _rss_kb("VmHWM") - before) / 1024)
         del out
     nodes = len(list(fq.meta.quantized_nodes(qat)))
     return {"model": model, "method": method, "batches": n, "seconds": statistics.median(times),
-            "peak_mb_above_start": statistics.median(peaks), "weighted_nodes": nodes,
+            "peak_mb_above_start": peak, "weighted_nodes": nodes,
             "batch_size": int(batches[0][0].shape[0])}
 
 
