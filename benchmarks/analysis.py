@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import platform
@@ -110,7 +111,7 @@ def child(model: str, method: str, n: int, quick: bool, repeats: int) -> dict:
 
     fn = {"fake_quant": fake_quant, "measure_error": measure, "ns_loggers": ns_loggers, "ns_shadow": ns_shadow,
           "ns_both": ns_both}[method]
-    import torch.ao.ns._numeric_suite_fx  # noqa: F401  (imported before any measurement)
+    importlib.import_module("torch.ao.ns._numeric_suite_fx")  # imported before any measurement
 
     # memory on the first call: after it the allocator keeps what it freed, and a later call's
     # peak above its start would undercount; times from the calls after it
