@@ -58,6 +58,10 @@ def match_nodes(qat: fx.GraphModule, lowered: fx.GraphModule) -> dict[str, fx.No
     taken: set[str] = set()
     for node in lowered.graph.nodes:
         if node.op in _COMPUTE and node.name in fake and not _is_qdq(node):
+            # a name is reused when convert_fx renumbers nodes: the same name must read as many
+            # values (EdgeNeXt: the lowered `mul` was a scalar mul, the fake-quant one a product)
+            if len(_inputs(node, _is_qdq)) != len(_inputs(fake[node.name], fake_quantizer)):
+                continue
             matched[node.name] = fake[node.name]
             taken.add(node.name)
     by_inputs: dict[tuple, list[fx.Node]] = {}
