@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
+from fxptqat.passes.float_readers import float_readers
 from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.passes.split_shared_modules import split_shared_modules
@@ -47,6 +48,7 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
     if config.weighted_only:
+        float_readers(gm)  # ... and float ops read the float value, quantized ops their Q/DQ copy
         drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
     fit_observers_to_clamps(gm)
     meta.update_graph_info(gm, inputs=tuple((tuple(x.shape[1:]), str(x.dtype)) for x in example_inputs))
