@@ -25,6 +25,7 @@ def finetune(
     optimizer: str = "adam",
     progress: bool = True,
     plan: QATSchedule | None = None,
+    compile: bool = False,
 ) -> list[float]:
     """Minimal QAT loop: ``steps`` optimizer steps on the parameters that require grad.
 
@@ -33,6 +34,9 @@ def finetune(
     ``plan`` (a :class:`fxptqat.planning.QATPlan`): run its QAT phase, i.e. ``plan.qat_steps``
     steps with the learning rate following the plan's schedule from ``plan.fp_steps`` on (the
     fused cooldown, or the separate re-warm and decay), ``lr`` being the schedule's peak.
+
+    ``compile=True``: train through ``torch.compile(qat, backend="fxptqat")`` (fake-quant fused into
+    inductor's loops, :mod:`fxptqat.backend`); the first step compiles (seconds to minutes).
     """
     owner = "finetune()"
     require(qat, meta.Stage.CALIBRATED, "finetune")
@@ -44,6 +48,8 @@ def finetune(
         if steps is not None and steps != plan.qat_steps:
             raise ConfigError(f"{owner}: steps={steps} contradicts the plan's {plan.qat_steps} QAT steps; omit steps.")
         steps = plan.qat_steps
+    if not isinstance(compile, bool):
+        raise ConfigError(f"{owner}: compile must be True or False, got {compile!r}.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"{owner}: steps must be a positive int (or give a plan), got {steps!r}.")
     lr = check_finite("finetune", "lr", lr, minimum=0.0)
@@ -54,7 +60,8 @@ def finetune(
     schedule = plan.scheduler(opt, start_step=plan.fp_steps) if plan is not None else None
     bar = progress_bar(total=steps, desc="QAT fine-tune", enabled=progress, leave=False)
     try:
-        return train_steps(qat, cycle(loader, owner), loss_fn, opt, steps, owner=owner, scheduler=schedule, bar=bar)
+        return train_steps(qat, cycle(loader, owner), loss_fn, opt, steps, owner=owner, scheduler=schedule, bar=bar,
+                           compile=compile)
     finally:
         bar.close()
         qat.eval()

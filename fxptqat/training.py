@@ -90,6 +90,7 @@ def train_steps(
     losses: list[float] | None = None,
     lrs: list[float] | None = None,
     bar: Any = None,
+    compile: bool = False,
 ) -> list[float]:
     """Run ``steps`` optimizer steps of ``model`` (put in train mode) on batches ``(*inputs, target)``.
 
@@ -98,14 +99,17 @@ def train_steps(
     ``max_grad_norm`` (first parameter group), the LR appended to ``lrs``, optimizer step,
     scheduler step, the loss appended to ``losses`` (returned; pass a list to continue one across
     calls, which also numbers the steps in errors). The caller restores the model's mode.
+    ``compile``: the forward (and its backward) runs through ``torch.compile(model,
+    backend="fxptqat")`` (:mod:`fxptqat.backend`), compiled at the first step.
     """
     losses = [] if losses is None else losses
     model.train()
+    forward = torch.compile(model, backend="fxptqat") if compile else model
     for _ in range(steps):
         *inputs, target = as_args(next(batches), what=f"{owner}: batch")
         if before_step is not None:
             before_step()
-        loss = loss_fn(model(*inputs), target)
+        loss = loss_fn(forward(*inputs), target)
         value = loss.item()
         if not math.isfinite(value):
             raise CalibrationError(f"{owner}: loss became {value} at step {len(losses)}; lower lr.")

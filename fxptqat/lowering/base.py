@@ -79,7 +79,7 @@ class Lowered:
     def size_bytes(self) -> int:
         """What one would ship: the runtime's own count, or ``torch.save`` of the state dict (for
         torch.ao's INT8 modules: the packed int8 weights and their qparams)."""
-        if not self.runs_graph:
+        if not self.runs_graph and hasattr(self.model, "size_bytes"):
             return self.model.size_bytes
         buffer = io.BytesIO()
         torch.save(self.graph.state_dict(), buffer)
@@ -102,6 +102,27 @@ def describe(model) -> Lowered | None:
         return Lowered(runtime, model, reference)
     if isinstance(model, fx.GraphModule):
         return Lowered("torch", model, model)
+    compiled = _compiled_fake_quant_graph(model)
+    if compiled is not None:
+        from .reference import reference  # the graph backend="fxptqat" lowers to INT8 kernels
+
+        return Lowered("compiled", model, reference(compiled, compiled.meta[_meta_key()].config))
+    return None
+
+
+def _meta_key() -> str:
+    from ..meta import KEY
+
+    return KEY
+
+
+def _compiled_fake_quant_graph(model) -> fx.GraphModule | None:
+    """The fxptqat graph inside ``torch.compile(qat, ...)`` (an OptimizedModule), else None. Under
+    ``torch.no_grad()`` ``backend="fxptqat"`` runs it on INT8 kernels; any other backend runs the
+    fake-quant arithmetic, which parity then checks against the same reference graph."""
+    orig = getattr(model, "_orig_mod", None)
+    if isinstance(orig, fx.GraphModule) and callable(model) and _meta_key() in getattr(orig, "meta", {}):
+        return orig
     return None
 
 

@@ -69,6 +69,7 @@ def train_with_plan(
     weight_scales: str = "track",
     max_grad_norm: float | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> PlanRun:
     """Train ``model`` in float for ``plan.fp_steps``, then switch fake-quant on and train the QAT graph.
 
@@ -81,6 +82,8 @@ def train_with_plan(
         (standard QAT); "frozen" keeps the scales calibration fixed (fxptqat's PTQAT semantics).
         Activation quantizers (``act_bits=8``) stay as calibration fixed them.
     With ``plan.qat_steps == 0`` the result is the PTQ graph of the fully trained model.
+    compile: both phases train through ``torch.compile(..., backend="fxptqat")`` (the float phase
+        compiles with inductor unchanged, the QAT phase with fake-quant fused; :mod:`fxptqat.backend`).
     """
     owner = "train_with_plan()"
     if not isinstance(plan, QATPlan):
@@ -89,6 +92,8 @@ def train_with_plan(
         raise InputError(f"{owner}: model must be a torch.nn.Module, got {type(model).__name__}.")
     if weight_scales not in WEIGHT_SCALES:
         raise ConfigError(f"{owner}: weight_scales={weight_scales!r}; choose one of {WEIGHT_SCALES}.")
+    if not isinstance(compile, bool):
+        raise ConfigError(f"{owner}: compile must be True or False, got {compile!r}.")
     lr = _positive(owner, "lr", lr)
     weight_decay = check_finite(owner, "weight_decay", weight_decay, minimum=0.0)
     _int(owner, "calib_batches", calib_batches, 1)
@@ -102,7 +107,7 @@ def train_with_plan(
     def run_phase(net: nn.Module, opt, sched, steps: int, quantizers) -> None:
         before = (lambda: _observe_weights(quantizers, freeze=False)) if quantizers else None
         train_steps(net, stream, loss_fn, opt, steps, owner=owner, scheduler=sched, before_step=before,
-                    max_grad_norm=max_grad_norm, losses=losses, lrs=lrs, bar=bar)
+                    max_grad_norm=max_grad_norm, losses=losses, lrs=lrs, bar=bar, compile=compile)
 
     was_training = model.training
     try:

@@ -1,0 +1,276 @@
+"""``torch.compile(model, backend="fxptqat")``: fake-quant that inductor fuses, for QAT and for inference.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so the name works in
+a fresh process without ``import fxptqat``; nothing registers it again at import (torch refuses a
+name registered twice).
+
+Dynamo hands a backend the graph of the model's forward with ``fxptqat.FakeQuantize`` inlined: each
+quantizer is a ``torch.fake_quantize_per_{tensor,channel}_affine`` call. Inductor keeps that op as
+an opaque kernel (a fallback to ATen, outside every fused loop, with a mask tensor saved for the
+backward; pytorch/pytorch#119141), so a QAT step pays a full read and write of every activation
+and weight per quantizer, forward and backward. This backend rewrites each call into the same
+arithmetic written as element-wise torch ops -- ``round(x * (1/scale)) + zero_point``, the clamp,
+the dequantize -- inside an ``autograd.Function`` whose backward is the straight-through estimator
+of those ops (the gradient passes where the rounded value is inside ``[quant_min, quant_max]``,
+zero elsewhere; scale and zero point get none, they are buffers), then compiles with inductor
+(AOTAutograd for training): the quantizers become part of the neighbouring generated loops.
+
+Options (``torch.compile(..., backend="fxptqat", options={...})``):
+
+``fuse_fake_quant`` (default True): the rewrite above; False compiles the graph unchanged (what
+    ``backend="inductor"`` does), for comparison.
+``int8`` (default "auto"): under ``torch.no_grad()`` (inference), lower every fake-quant call to
+    the ``quantized_decomposed`` quantize/dequantize pair and compile with inductor's weight
+    freezing, so that ``dequantize -> conv/linear`` runs on oneDNN's integer kernels -- the path of
+    ``lower(runtime="inductor")``. "auto" does so when the graph is an inference graph, False
+    never, True refuses a graph that is not one.
+``inductor``: a dict of ``torch._inductor.config`` options passed on.
+
+A graph without a fake-quant call compiles with inductor unchanged; the reason is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .errors import ConfigError, LoweringError
+
+__all__ = ["backend", "fake_quantize", "rewrite_fake_quant", "FAKE_QUANT_OPS"]
+
+log = logging.getLogger(__name__)
+
+FAKE_QUANT_OPS = {
+    torch.fake_quantize_per_tensor_affine: "tensor",
+    torch.fake_quantize_per_channel_affine: "channel",
+    torch.ops.aten.fake_quantize_per_tensor_affine.default: "tensor",
+    torch.ops.aten.fake_quantize_per_tensor_affine.tensor_qparams: "tensor",
+    torch.ops.aten.fake_quantize_per_channel_affine.default: "channel",
+}
+_OPTIONS = {"fuse_fake_quant", "int8", "inductor"}
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t.reshape(())
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _grid(x, scale, zero_point, quant_min, quant_max, axis):
+    scale = _broadcast(scale, x, axis).to(x.dtype)
+    zero_point = _broadcast(zero_point, x, axis).to(x.dtype)
+    rounded = torch.round(x * (1.0 / scale)) + zero_point
+    inside = (rounded >= quant_min) & (rounded <= quant_max)
+    return (rounded.clamp(quant_min, quant_max) - zero_point) * scale, inside
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max, axis):
+        out, inside = _grid(x, scale, zero_point, quant_min, quant_max, axis)
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None, None
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                  axis: int | None = None) -> torch.Tensor:
+    """``torch.fake_quantize_per_{tensor,channel}_affine`` as element-wise ops (``axis`` None: per
+    tensor), with the same straight-through gradient for ``x`` and none for ``scale``/``zero_point``."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantize.apply(x, scale, zero_point, quant_min, quant_max, axis)
+    return _grid(x, scale, zero_point, quant_min, quant_max, axis)[0]
+
+
+def _fake_quant_args(node: fx.Node) -> tuple[Any, ...]:
+    """``(x, scale, zero_point, quant_min, quant_max, axis)`` of a fake-quant call."""
+    kind = FAKE_QUANT_OPS[node.target]
+    names = ("input", "scale", "zero_point", "quant_min", "quant_max")
+    if kind == "channel":
+        names = ("input", "scale", "zero_point", "axis", "quant_min", "quant_max")
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return (values["input"], values["scale"], values["zero_point"], values["quant_min"], values["quant_max"],
+            values.get("axis"))
+
+
+def rewrite_fake_quant(gm: fx.GraphModule, mode: str = "fuse", example_inputs: Sequence = ()) -> int:
+    """Replace every fake-quant call in ``gm``: ``mode="fuse"`` by :func:`fake_quantize`,
+    ``mode="qdq"`` by ``quantized_decomposed`` quantize/dequantize pairs (inference only).
+    Returns how many calls were replaced."""
+    count = 0
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = {n: v for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.Tensor)}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in FAKE_QUANT_OPS:
+            continue
+        x, scale, zero_point, qmin, qmax, axis = _fake_quant_args(node)
+        if mode == "qdq" and axis is None:  # per-tensor qparams as constants (what freezing makes them)
+            scale, zero_point = _constant(scale, values), _constant(zero_point, values)
+        with gm.graph.inserting_before(node):
+            if mode == "fuse":
+                new = gm.graph.call_function(fake_quantize, (x, scale, zero_point, qmin, qmax, axis))
+            else:
+                new = _qdq(gm.graph, x, scale, zero_point, qmin, qmax, axis)
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def _constant(arg, values: dict):
+    """A one-element qparam read from the example inputs (a placeholder's real value), else ``arg``."""
+    tensor = values.get(arg) if isinstance(arg, fx.Node) else None
+    if tensor is None or tensor.numel() != 1 or isinstance(tensor, torch._subclasses.FakeTensor):
+        return arg
+    return tensor.item()
+
+
+def _qdq(graph: fx.Graph, x, scale, zero_point, qmin, qmax, axis) -> fx.Node:
+    qd = torch.ops.quantized_decomposed
+    dtype = torch.int8 if qmin < 0 else torch.uint8
+    if axis is None:
+        if isinstance(scale, (int, float)) and isinstance(zero_point, int):  # values known: inductor's patterns
+            q = graph.call_function(qd.quantize_per_tensor.default, (x, scale, zero_point, qmin, qmax, dtype))
+            return graph.call_function(qd.dequantize_per_tensor.default, (q, scale, zero_point, qmin, qmax, dtype))
+        q = graph.call_function(qd.quantize_per_tensor.tensor, (x, scale, zero_point, qmin, qmax, dtype))
+        return graph.call_function(qd.dequantize_per_tensor.tensor, (q, scale, zero_point, qmin, qmax, dtype))
+    zp = graph.call_function(torch.Tensor.to, (zero_point, torch.int64))
+    if dtype == torch.int8:
+        # symmetric weights on a restricted grid: clamp the float weight to it and quantize into the
+        # full int8 range (the same integers), the form inductor's INT8 conv/linear patterns take
+        # (as passes/clamp_int_weights.py does for torch.ao's lowering)
+        x = graph.call_function(_clamp_to_grid, (x, scale, axis, qmin, qmax))
+        qmin, qmax = -128, 127
+    q = graph.call_function(qd.quantize_per_channel.default, (x, scale, zp, axis, qmin, qmax, dtype))
+    return graph.call_function(qd.dequantize_per_channel.default, (q, scale, zp, axis, qmin, qmax, dtype))
+
+
+def _clamp_to_grid(x, scale, axis, quant_min, quant_max):
+    scale = _broadcast(scale, x, axis).to(x.dtype)
+    return torch.minimum(torch.maximum(x, quant_min * scale), quant_max * scale)
+
+
+def _constant_module_state(gm: fx.GraphModule, example_inputs: Sequence) -> list[int]:
+    """Make the model's parameters and buffers attributes of ``gm`` instead of graph inputs (what
+    Dynamo does itself when inductor's freezing is on while it traces), so that freezing folds the
+    weights' quantization into int8 constants. Returns the positions of the inputs left."""
+    sources = getattr(gm, "_param_name_to_source", None)
+    if sources is None:
+        sources = gm._param_name_to_source = {}
+    fqns = gm.meta.setdefault("dynamo_flat_name_to_original_fqn", {})
+    keep = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        source = getattr(node, "_dynamo_source", None)
+        if (not isinstance(value, torch.Tensor) or source is None
+                or getattr(value, "_dynamo_static_input_type", None) is None):
+            keep.append(i)
+            continue
+        name = f"_fxptqat_state_{i}"
+        gm.register_buffer(name, value.detach(), persistent=False)
+        sources[name] = source
+        fqns[name] = name
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return keep
+
+
+def _needs_grad(example_inputs: Sequence) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+
+
+def _saturates(gm: fx.GraphModule) -> bool:
+    """Whether oneDNN's u8 x s8 kernels could saturate on this graph's grids on this CPU (no
+    AVX-512 VNNI: products are summed in pairs in 16 bits; see workarounds.refuse_saturating_kernels)."""
+    from .workarounds import _INT16_MAX, exact_u8s8_kernels
+
+    if exact_u8s8_kernels():
+        return False
+    act_top = weight_top = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in FAKE_QUANT_OPS:
+            _, _, _, qmin, qmax, _ = _fake_quant_args(node)
+            if qmin < 0:
+                weight_top = max(weight_top, -qmin, qmax)
+            else:
+                act_top = max(act_top, qmax - qmin)
+    return 2 * act_top * weight_top > _INT16_MAX
+
+
+def backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None = None, **kwargs):
+    """The ``fxptqat`` torch.compile backend (see the module docstring)."""
+    import torch._dynamo.utils as dynamo_utils
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+    from torch._inductor.compile_fx import compile_fx
+
+    options = {**(options or {}), **kwargs}
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ConfigError(f"backend='fxptqat': unknown option(s) {sorted(unknown)}; choose from {sorted(_OPTIONS)}.")
+    int8 = options.get("int8", "auto")
+    if int8 not in ("auto", True, False):
+        raise ConfigError(f"backend='fxptqat': int8={int8!r}; choose 'auto', True or False.")
+    inductor = dict(options.get("inductor") or {})
+    counters = dynamo_utils.counters["fxptqat"]
+    counters["graphs"] += 1
+    n_fq = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in FAKE_QUANT_OPS)
+    counters["fake_quant_ops"] += n_fq
+    inference = not _needs_grad(example_inputs)
+    if int8 is True and not inference:
+        raise LoweringError("backend='fxptqat' with int8=True compiles inference graphs only: call the model "
+                            "under torch.no_grad() (the graph it got computes gradients).")
+    if n_fq == 0:
+        log.info("backend='fxptqat': the graph has no fake-quant op; compiled with inductor unchanged")
+        counters["graphs_without_fake_quant"] += 1
+        return compile_fx(gm, example_inputs, config_patches=inductor or None)
+    if inference and int8 is not False:
+        if not _saturates(gm):
+            return _compile_int8(gm, example_inputs, inductor, counters)
+        message = ("this CPU has no AVX-512 VNNI, so oneDNN's INT8 kernels would saturate on the graph's "
+                   "8-bit weights with full-range activations (prepare with weight_bits<=7 or reduce_range=True)")
+        if int8 is True:
+            raise LoweringError(f"backend='fxptqat', int8=True: {message}.")
+        log.warning("backend='fxptqat': %s; compiled as fused fake-quant (float kernels, same values) instead", message)
+        counters["int8_refused"] += 1
+    if options.get("fuse_fake_quant", True):
+        rewrite_fake_quant(gm, "fuse")
+        counters["fused_graphs"] += 1
+    return compile_fx(gm, example_inputs, config_patches=inductor or None)
+
+
+def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, counters) -> Any:
+    from torch._inductor.compile_fx import compile_fx
+
+    rewrite_fake_quant(gm, "qdq", example_inputs)
+    keep = _constant_module_state(gm, example_inputs)
+    counters["int8_graphs"] += 1
+    compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches={"freezing": True, **inductor})
+    n_inputs = len(example_inputs)
+
+    def run(*args):
+        # Dynamo calls with the graph's inputs as this backend left them (parameters and buffers
+        # now constants); a caller holding the original signature passes all of them
+        if len(args) == n_inputs and n_inputs != len(keep):
+            args = [args[i] for i in keep]
+        return compiled(*args)  # aot_autograd's forward binds the frozen parameters itself
+    return run

@@ -1,0 +1,196 @@
+"""torch.compile(model, backend="fxptqat"): entry point, fused fake-quant for training, INT8 for inference."""
+
+import copy
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._dynamo.utils import counters
+
+import fxptqat as fq
+from fxptqat.backend import fake_quantize
+from fxptqat.workarounds import exact_u8s8_kernels
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu(self.bn(self.conv(x))), 1))
+
+
+def _qat(weight_bits=4, seed=0):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g),) for _ in range(3)]
+    qat = fq.prepare(Net().eval(), batches[0], config=fq.QuantConfig(weight_bits=weight_bits))
+    fq.calibrate(qat, batches)
+    fq.select_trainable(qat, fq.measure_error(qat, batches[:1]), policy=fq.AllLayers())
+    return qat, batches
+
+
+def _grads(model, x, y, forward=None):
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy((model if forward is None else forward)(x), y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_registered_by_entry_point_in_a_fresh_process():
+    """The name works before ``import fxptqat`` (torch reads the entry point group lazily), and
+    importing fxptqat afterwards does not register it twice."""
+    code = textwrap.dedent("""
+        import sys, torch, torch._dynamo
+        assert "fxptqat" in torch._dynamo.list_backends(), torch._dynamo.list_backends()
+        scale, zp = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+        w = torch.randn(4, 4, requires_grad=True)
+        def f(x):
+            return torch.fake_quantize_per_tensor_affine(x @ w, scale, zp, -8, 7).sum()
+        torch.compile(f, backend="fxptqat")(torch.randn(2, 4)).backward()
+        assert w.grad is not None
+        import fxptqat
+        torch._dynamo.reset()
+        torch.compile(f, backend="fxptqat")(torch.randn(3, 4))
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 8), st.booleans(), st.integers(0, 2**31 - 1), st.floats(1e-3, 1.0))
+def test_fake_quantize_is_torchs_op_with_its_gradient(bits, per_channel, seed, scale_top):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(3, 5, 4, generator=g) * 3).requires_grad_()
+    if per_channel:
+        scale = torch.rand(5, generator=g) * scale_top + 1e-3
+        zp = torch.zeros(5, dtype=torch.int32)
+        qmin, qmax = -(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1
+        ref = torch.fake_quantize_per_channel_affine(x, scale, zp, 1, qmin, qmax)
+        out = fake_quantize(x, scale, zp, qmin, qmax, 1)
+    else:
+        scale = torch.rand(1, generator=g) * scale_top + 1e-3
+        zp = torch.randint(0, 2**bits, (1,), generator=g, dtype=torch.int32)
+        qmin, qmax = 0, 2**bits - 1
+        ref = torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax)
+        out = fake_quantize(x, scale, zp, qmin, qmax)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6 * float(scale.max()))
+    w = torch.randn(ref.shape, generator=g)
+    (gref,) = torch.autograd.grad((ref * w).sum(), x)
+    (gout,) = torch.autograd.grad((out * w).sum(), x)
+    # the straight-through mask may differ only where x / scale sits on a rounding tie at the edge
+    assert (gref != gout).float().mean() < 0.01
+    assert torch.equal(gout, torch.where(gout != 0, w, torch.zeros_like(w)))  # pass-through or zero
+
+
+def test_training_step_matches_eager_with_no_recompile_and_one_on_selection_change():
+    qat, batches = _qat()
+    eager = copy.deepcopy(qat).train()
+    compiled_model = copy.deepcopy(qat).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_model, backend="fxptqat")
+    y = torch.tensor([1, 2, 3, 4])
+    for x, in batches:
+        loss_e, grads_e = _grads(eager, x, y)
+        loss_c, grads_c = _grads(compiled_model, x, y, compiled)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        assert grads_c.keys() == grads_e.keys() and grads_e
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert counters["fxptqat"]["graphs"] == 1 and counters["fxptqat"]["fused_graphs"] == 1
+    assert counters["fxptqat"]["fake_quant_ops"] >= 4  # input, weights, the linear's input
+    # a new selection changes which parameters require grad: one recompile, then none
+    report = fq.measure_error(qat, batches[:1])
+    fq.select_trainable(compiled_model, report, policy=fq.NoLayers())
+    compiled_model.fc.weight.requires_grad_(True)
+    for x, in batches[:2]:
+        _grads(compiled_model, x, y, compiled)
+    assert counters["fxptqat"]["graphs"] == 2, dict(counters["fxptqat"])
+
+
+def test_no_graph_break_in_a_qat_graph():
+    qat, batches = _qat()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(qat.train())(*batches[0])
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_inference_runs_int8_kernels_with_the_result_of_lower_inductor_and_parity():
+    qat, batches = _qat(weight_bits=7)
+    qat.eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(qat, backend="fxptqat")
+    with torch.no_grad():
+        out = compiled(*batches[0])
+        expected = fq.lower(qat, runtime="inductor", example_inputs=batches[0])(*batches[0])
+        fake = qat(*batches[0])
+    assert counters["fxptqat"]["int8_graphs"] >= 1
+    assert counters["inductor"]["qconv_weight_prepack_matcher_count"] >= 1
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] >= 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, fake, rtol=0, atol=1e-4)
+    parity = fq.check_parity(qat, compiled, batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+    assert parity.output_mean_abs is not None  # the compiled model's own network output was judged
+
+
+@pytest.mark.skipif(exact_u8s8_kernels(), reason="this CPU has AVX-512 VNNI: oneDNN is exact with 8-bit weights")
+def test_inference_that_would_saturate_falls_back_with_a_log_or_refuses(caplog):
+    qat, batches = _qat(weight_bits=8)
+    qat.eval()
+    torch._dynamo.reset()
+    counters.clear()
+    with caplog.at_level(logging.WARNING, logger="fxptqat.backend"), torch.no_grad():
+        out = torch.compile(qat, backend="fxptqat")(*batches[0])
+        fake = qat(*batches[0])
+    assert counters["fxptqat"]["int8_refused"] == 1 and counters["fxptqat"]["int8_graphs"] == 0
+    assert "AVX-512 VNNI" in caplog.text
+    torch.testing.assert_close(out, fake, rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="int8=True.*VNNI"), torch.no_grad():
+        torch.compile(qat, backend="fxptqat", options={"int8": True})(*batches[0])
+
+
+def test_bad_options_and_graphs_without_fake_quant(caplog):
+    qat, batches = _qat()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown option"):
+        torch.compile(qat, backend="fxptqat", options={"fuse": True})(*batches[0])
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="int8=True compiles inference graphs only"):
+        torch.compile(qat.train(), backend="fxptqat", options={"int8": True})(*batches[0])
+    torch._dynamo.reset()
+    counters.clear()
+    plain = nn.Linear(4, 2)
+    with caplog.at_level(logging.INFO, logger="fxptqat.backend"):
+        out = torch.compile(plain, backend="fxptqat")(torch.ones(1, 4))
+    torch.testing.assert_close(out, plain(torch.ones(1, 4)))
+    assert counters["fxptqat"]["graphs_without_fake_quant"] == 1 and "no fake-quant op" in caplog.text
+
+
+def test_finetune_compile_follows_the_eager_losses():
+    qat, batches = _qat()
+    y = torch.tensor([1, 2, 3, 4])
+    loader = [(x, y) for x, in batches]
+    a, b = copy.deepcopy(qat), copy.deepcopy(qat)
+    torch._dynamo.reset()
+    eager = fq.finetune(a, loader, nn.functional.cross_entropy, steps=4, lr=1e-3, progress=False)
+    compiled = fq.finetune(b, loader, nn.functional.cross_entropy, steps=4, lr=1e-3, progress=False, compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(fq.ConfigError, match="compile must be True or False"):
+        fq.finetune(a, loader, nn.functional.cross_entropy, steps=1, compile="yes")
