@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.fx.node import map_arg
 
 from . import meta
@@ -40,8 +41,14 @@ def source_line(node: fx.Node) -> str:
     return f" (source: {where}: `{code}`)"
 
 
+def _all_finite(value: torch.Tensor) -> bool:
+    """One reduction instead of isfinite's element-wise passes: a NaN or Inf makes the sum non-finite;
+    a non-finite sum of finite values (float overflow) gets the exact check."""
+    return bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+
+
 def _check_finite(node: fx.Node, value, path: str) -> None:
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and not _all_finite(value):
         if node.op == "placeholder":
             raise CalibrationError(
                 f"{path}: an input batch holds NaN or Inf in node {node.name!r} (a model input). Clean the data "
@@ -124,6 +131,19 @@ def _weights_float(quantizer) -> Iterator[None]:
         quantizer.enable_fake_quant(saved)
 
 
+def _stackable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether ``module`` (in eval mode) computes each index of dim 0 of its one input on its own, so
+    that two inputs concatenated along dim 0 give the two outputs: a linear on batched input, a
+    conv on a batched input (BatchNorm folded in eval uses its running statistics)."""
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or module.training:
+        return False
+    if isinstance(module, nn.Linear):
+        return args[0].dim() >= 2
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return args[0].dim() == module.weight.dim()
+    return False
+
+
 class ErrorRecorder(CheckedInterpreter):
     """Runs the float and the quantized network side by side, in one pass per batch.
 
@@ -181,9 +201,12 @@ class ErrorRecorder(CheckedInterpreter):
         q_kwargs = map_arg(n.kwargs, lambda a: self.env[a].q)
         f_args = map_arg(n.args, lambda a: self.env[a].f)
         f_kwargs = map_arg(n.kwargs, lambda a: self.env[a].f)
-        q = getattr(self, n.op)(n.target, q_args, q_kwargs)
         if n.op == "call_module":
             module = self.fetch_attr(n.target)
+            if n.name in self.weighted:
+                q = None  # below: with the isolated value when they can share a call
+            else:
+                q = self.call_module(n.target, q_args, q_kwargs)
             if is_quantizer(module):
                 source = self.env[n.args[0]]
                 iso = module(source.iso) if source.iso is not None else None
@@ -191,6 +214,12 @@ class ErrorRecorder(CheckedInterpreter):
             if n.name in self.weighted:
                 with _weights_float(self.fetch_attr(self.weighted[n.name].weight_quantizer)):
                     f = module(*f_args, **f_kwargs)
-                return _Pair(q, f, module(*f_args, **f_kwargs))
+                if _stackable(module, q_args, q_kwargs):
+                    # quantized and isolated values in one call: the weights are fake-quantized once
+                    q, iso = module(torch.cat([q_args[0], f_args[0]])).split(q_args[0].shape[0])
+                    return _Pair(q, f, iso)
+                return _Pair(self.call_module(n.target, q_args, q_kwargs), f, module(*f_args, **f_kwargs))
+        else:
+            q = getattr(self, n.op)(n.target, q_args, q_kwargs)
         f = getattr(self, n.op)(n.target, f_args, f_kwargs)
         return _Pair(q, f)

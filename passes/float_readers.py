@@ -14,8 +14,9 @@ This pass rewires each reader of an activation quantizer that torch.ao left floa
 read the quantizer's input instead, unless a quantized op downstream of that reader would then see
 an unquantized value (a ``flatten`` between the quantizer and a linear keeps reading the quantized
 value: it is how the linear's input is quantized), and unless the value is an activation applied
-to a conv/linear output, which torch 2.13's inductor cannot fuse into the integer kernel when a float
-op reads it (see ``drop_output_quantizers``: such outputs stay quantized). A quantizer left with no reader is removed and
+to a conv/linear output that a float ``add`` reads: torch 2.13's inductor cannot compile
+``dq -> conv|linear -> activation -> add`` with a float activation output (see
+``drop_output_quantizers``; a squeeze-excite ``fc2 -> hardsigmoid -> mul`` is fine). A quantizer left with no reader is removed and
 the producing node's ``NodeInfo.output_quantizer`` cleared.
 
 The fake-quant network then computes what the lowered one does: ``convert_fx`` turns the quantizer
@@ -25,8 +26,10 @@ calibration; ``modified`` is False when every reader of every quantizer is alrea
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
+import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
@@ -65,6 +68,13 @@ def _activation_of_weighted(node: fx.Node, gm: fx.GraphModule) -> bool:
     )
 
 
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+
+
+def _read_by_add(node: fx.Node) -> bool:
+    return any(u.op in ("call_function", "call_method") and u.target in _ADDS for u in node.users)
+
+
 def float_readers(gm: fx.GraphModule, /) -> PassResult:
     attrs = gm.meta.get("_observed_graph_module_attrs")
     qconfigs = getattr(attrs, "node_name_to_qconfig", None)
@@ -83,8 +93,8 @@ def float_readers(gm: fx.GraphModule, /) -> PassResult:
                 continue  # requantized onto another grid, or a quantized op: reads the quantized value
             if user.op != "output" and _feeds_quantized_op(user, gm, qconfigs):
                 continue
-            if meta.node_info(source) is not None and _is_activation(user, gm):
-                continue  # dq -> conv|linear -> activation -> float op: inductor cannot fuse it either
+            if meta.node_info(source) is not None and _is_activation(user, gm) and _read_by_add(user):
+                continue  # dq -> conv|linear -> activation -> float add: inductor cannot fuse it either
             user.replace_input_with(quantizer, source)
             rewired += 1
         if not quantizer.users:

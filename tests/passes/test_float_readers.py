@@ -153,3 +153,28 @@ def test_property_only_quantized_ops_read_quantizers_unless_a_float_path_leads_t
     assert float_readers(gm).modified is False and gm.code == code
     assert all(hasattr(gm, t) for t in modules)
     event(f"float readers rewired: {rewired}")
+
+
+class SqueezeExcite(nn.Module):
+    """fc2 -> hardsigmoid -> mul (MobileNetV3's squeeze-excite): the activation reads fc2's float output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        y = self.fc1(x)
+        return self.gate(self.fc2(y)) * y
+
+
+def test_an_activation_read_by_a_float_mul_reads_the_float_output_and_inductor_keeps_parity():
+    data = _data()
+    qat = fq.prepare(SqueezeExcite(), data[0], config=fq.QuantConfig(weight_bits=7, quantized_ops="weighted"))
+    fq.calibrate(qat, data)
+    assert _reads(qat, "gate") == ["fc2"]
+    assert {n.name: i.output_quantizer for n, i in meta.quantized_nodes(qat)}["fc2"] is None
+    torch._dynamo.reset()
+    parity = fq.check_parity(qat, fq.lower(qat, runtime="inductor", example_inputs=data[0]), data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
