@@ -146,20 +146,11 @@ def pt2e_recipe(act_observer: str = "histogram"):
     return build
 
 
-class _FunctionalReLU(nn.Module):
-    def forward(self, x):
-        return F.relu(x)
-
-
 def unshare_relus(model: nn.Module) -> nn.Module:
-    """A copy whose nn.ReLU modules call F.relu: torchvision's ResNet blocks call one ReLU module
-    twice, which X86InductorQuantizer refuses; the function is the same, each call its own node."""
-    model = copy.deepcopy(model)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.ReLU:
-                setattr(module, name, _FunctionalReLU())
-    return model
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from zoo_models import unshare_relus as shared
+
+    return shared(model)
 
 
 def dataclass_replace(obj, **changes):

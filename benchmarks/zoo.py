@@ -157,24 +157,39 @@ def run_fxptqat(step: Recorder, s: Settings, model, calib, x, ref) -> None:
         if "torch" in s.runtimes:
             _lower_and_check(step, "torch", qat, calib, parity_batches, x, ref)
             rec["fidelity"]["fxptqat"] = (rec["runtimes"].get("torch") or {}).get("cosine_vs_fp32")
+        rec["dynamo"] = step("dynamo_explain", graph_breaks, qat, calib[0])
     others = [r for r in s.runtimes if r != "torch"]
-    qat = _prepare(step, model, calib, "_weighted", quantized_ops="weighted") if others else None
+    # the weighted recipe with PT2E's activation-range estimator (X86InductorQuantizer's HistogramObserver)
+    weighted = {"quantized_ops": "weighted", "act_observer": "histogram"}
+    qat = _prepare(step, model, calib, "_weighted", **weighted) if others else None
     for runtime in others if qat is not None else ():
         extra = {"threads": s.threads} if runtime == "onnxruntime" else {}
         if runtime == "inductor" and not exact_u8s8_kernels():
             # oneDNN saturates 8-bit weights on full-range activations without AVX-512 VNNI and
             # lower() refuses them: this CPU's inductor lowering runs 7-bit activations
             rec["inductor_reduce_range"] = True
-            qat = _prepare(step, model, calib, "_weighted_reduce_range", quantized_ops="weighted", reduce_range=True)
+            qat = _prepare(step, model, calib, "_weighted_reduce_range", reduce_range=True, **weighted)
             if qat is None:
                 continue
         _lower_and_check(step, runtime, qat, calib, parity_batches, x, ref, example_inputs=calib[0], **extra)
 
 
+def graph_breaks(qat, args) -> dict:
+    """``torch._dynamo.explain`` of the QAT graph in train mode (what ``torch.compile`` of a QAT step
+    traces), on a copy: a forward in train mode updates BatchNorm statistics."""
+    import copy
+
+    work = copy.deepcopy(qat).train()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(work)(*args)
+    return {"graph_breaks": explained.graph_break_count, "graphs": explained.graph_count,
+            "reasons": [str(b.reason)[:300] for b in explained.break_reasons][:5]}
+
+
 # -- one model --------------------------------------------------------------------------------------
 def new_record(name: str) -> dict:
     return {"model": name, "source": zm.source_of(name), "status": "running", "params": None, "image_size": None,
-            "traced": None, "trace_error": None, "selection": None, "signal": None, "runtimes": {},
+            "traced": None, "trace_error": None, "selection": None, "signal": None, "runtimes": {}, "dynamo": None,
             "fidelity": {"fxptqat": None, "fxptqat_fake_quant": None, "pt2e": None, "fx_default": None},
             "timings_s": {}, "errors": [], "peak_rss_mb": None, "current_step": None}
 
@@ -333,6 +348,12 @@ def summary(records: list[dict], runtimes) -> list[str]:
              f"{sum(r['status'] in ('crashed', 'timeout', 'failed') for r in records)} crashed, timed out or failed.",
              f"- Parity ok on every runtime ({', '.join(runtimes)}) at full coverage: "
              f"{sum(full_parity(r, runtimes) for r in traced)}/{len(traced)} traced models."]
+    explained = [r["dynamo"] for r in traced if r.get("dynamo")]
+    if explained:
+        lines.append(f"- torch.compile of the QAT graph (train mode, `torch._dynamo.explain`): "
+                     f"{sum(d['graph_breaks'] == 0 for d in explained)}/{len(explained)} models without a graph break"
+                     + "".join(f"; {r['model']}: {r['dynamo']['graph_breaks']} ({r['dynamo']['reasons'][:1]})"
+                               for r in traced if r.get("dynamo") and r["dynamo"]["graph_breaks"]) + ".")
     errors = collections.Counter(f"{e['step']}: {e['type']}" for r in records for e in r["errors"])
     lines.append("- Errors (step: type x models): " + (", ".join(f"{k} x{n}" for k, n in errors.most_common()) or "none"))
     lines += _vs_pt2e(traced, "fxptqat INT8 (default recipe, runtime torch)", lambda r: r["fidelity"]["fxptqat"])

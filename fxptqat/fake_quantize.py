@@ -15,7 +15,12 @@ import torch
 import torch.distributed as dist
 from torch.ao.quantization import FakeQuantize as _AOFakeQuantize
 from torch.ao.quantization import FakeQuantizeBase
-from torch.ao.quantization.observer import MinMaxObserver, ObserverBase, PerChannelMinMaxObserver
+from torch.ao.quantization.observer import (
+    FixedQParamsObserver,
+    MinMaxObserver,
+    ObserverBase,
+    PerChannelMinMaxObserver,
+)
 
 __all__ = ["FakeQuantize", "is_quantizer"]
 
@@ -106,7 +111,8 @@ class FakeQuantize(_AOFakeQuantize):
     def reducible_across_ranks(self) -> bool:
         """Whether :meth:`all_reduce_statistics` can merge this observer's statistics exactly."""
         obs = self.activation_post_process
-        return hasattr(obs, "all_reduce_statistics") or isinstance(obs, (MinMaxObserver, PerChannelMinMaxObserver))
+        return hasattr(obs, "all_reduce_statistics") or isinstance(
+            obs, (MinMaxObserver, PerChannelMinMaxObserver, FixedQParamsObserver))  # the last: nothing to reduce
 
     def all_reduce_statistics(self) -> None:
         """Replace the observer's statistics by those of every rank together (exact, any rank order):

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 from torch.fx.node import map_arg
 
 from . import meta
@@ -131,19 +130,6 @@ def _weights_float(quantizer) -> Iterator[None]:
         quantizer.enable_fake_quant(saved)
 
 
-def _stackable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether ``module`` (in eval mode) computes each index of dim 0 of its one input on its own, so
-    that two inputs concatenated along dim 0 give the two outputs: a linear on batched input, a
-    conv on a batched input (BatchNorm folded in eval uses its running statistics)."""
-    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor) or module.training:
-        return False
-    if isinstance(module, nn.Linear):
-        return args[0].dim() >= 2
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return args[0].dim() == module.weight.dim()
-    return False
-
-
 class ErrorRecorder(CheckedInterpreter):
     """Runs the float and the quantized network side by side, in one pass per batch.
 
@@ -214,10 +200,9 @@ class ErrorRecorder(CheckedInterpreter):
             if n.name in self.weighted:
                 with _weights_float(self.fetch_attr(self.weighted[n.name].weight_quantizer)):
                     f = module(*f_args, **f_kwargs)
-                if _stackable(module, q_args, q_kwargs):
-                    # quantized and isolated values in one call: the weights are fake-quantized once
-                    q, iso = module(torch.cat([q_args[0], f_args[0]])).split(q_args[0].shape[0])
-                    return _Pair(q, f, iso)
+                # (one call on the quantized and float inputs stacked along dim 0 would fake-quantize
+                # the weights once, but changes the kernel's blocking: q would no longer equal the
+                # float value bit for bit when nothing is quantized)
                 return _Pair(self.call_module(n.target, q_args, q_kwargs), f, module(*f_args, **f_kwargs))
         else:
             q = getattr(self, n.op)(n.target, q_args, q_kwargs)

@@ -16,7 +16,9 @@ import torch
 import torch.fx as fx
 from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.backend_config import ObservationType
+from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.observer import FixedQParamsObserver
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
@@ -25,6 +27,7 @@ from fxptqat import meta
 from fxptqat.capture.qconfig import backend_config, qconfig_mapping
 from fxptqat.config import QuantConfig
 from fxptqat.errors import TraceError
+from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.workarounds import release_device_cache
 
 __all__ = ["insert_fake_quant"]
@@ -61,6 +64,7 @@ def insert_fake_quant(
     finally:
         release_device_cache()  # else torch.ao's cache keeps every model ever prepared alive
     _transplant(prepared, into=gm)
+    _own_fixed_qparams_quantizers(gm)
     _fold_zero_gamma_exactly(gm)
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)
@@ -84,6 +88,28 @@ def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
     into.graph = prepared.graph
     into.meta.update(prepared.meta)
     into.recompile()
+
+
+def _own_fixed_qparams_quantizers(gm: fx.GraphModule) -> None:
+    """torch.ao quantizes sigmoid, hardsigmoid, tanh and softmax outputs on fixed grids with its own
+    ``FixedQParamsFakeQuantize``, whose ``forward`` Dynamo refuses to trace (torch.ao is on its skip
+    list: one graph break per quantizer under ``torch.compile``, 9 in MobileNetV3-Small). Each is
+    replaced by fxptqat's FakeQuantize holding the same grid in a ``FixedQParamsObserver``:
+    the same values, and ``convert_fx`` still reads the fixed scale and zero point from it."""
+    for name, module in list(gm.named_modules()):
+        if type(module) is not FixedQParamsFakeQuantize:
+            continue
+        own = FakeQuantize(
+            observer=FixedQParamsObserver.with_args(
+                scale=float(module.scale), zero_point=int(module.zero_point), dtype=module.dtype,
+                quant_min=module.quant_min, quant_max=module.quant_max),
+            quant_min=module.quant_min, quant_max=module.quant_max, dtype=module.dtype)
+        own.scale.copy_(module.scale)
+        own.zero_point.copy_(module.zero_point)
+        own.enable_observer(bool(module.observer_enabled[0]))
+        own.enable_fake_quant(bool(module.fake_quant_enabled[0]))
+        own.train(module.training)
+        gm.set_submodule(name, own)
 
 
 def _fold_zero_gamma_exactly(gm: fx.GraphModule) -> None:

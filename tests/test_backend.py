@@ -127,6 +127,36 @@ def test_no_graph_break_in_a_qat_graph():
     assert explained.graph_break_count == 0 and explained.graph_count == 1
 
 
+class Gated(nn.Module):
+    """Sigmoid and hardsigmoid outputs: torch.ao quantizes them on fixed grids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.sigmoid(y) + self.gate(y) * y
+
+
+def test_fixed_grid_quantizers_are_fxptqats_and_trace_without_a_break():
+    from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(2, 3, 4, 4, generator=g),) for _ in range(2)]
+    qat = fq.prepare(Gated().eval(), batches[0])
+    fq.calibrate(qat, batches)
+    fixed = [m for m in qat.modules() if isinstance(m, fq.FakeQuantize) and m.scale.numel() == 1
+             and float(m.scale) == 1.0 / 256]
+    assert len(fixed) == 2 and not any(type(m) is FixedQParamsFakeQuantize for m in qat.modules())
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(copy.deepcopy(qat).train())(*batches[0])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    parity = fq.check_parity(qat, fq.lower(qat), batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
 def test_inference_runs_int8_kernels_with_the_result_of_lower_inductor_and_parity():
     qat, batches = _qat(weight_bits=7)
     qat.eval()

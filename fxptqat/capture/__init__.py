@@ -17,7 +17,7 @@ from torch import nn
 from ..fake_quantize import is_quantizer
 from .fx import capture_fx
 
-__all__ = ["capture_fx", "is_quantizer", "bn_frozen", "set_bn_frozen", "bn_shift"]
+__all__ = ["capture_fx", "is_quantizer", "bn_frozen", "set_bn_frozen", "bn_shift", "quantized_weights"]
 
 
 def bn_frozen(module: nn.Module) -> bool | None:
@@ -46,3 +46,34 @@ def bn_shift(module: nn.Module) -> float:
     with torch.no_grad():
         shift = (bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).abs() + bn.bias.abs()
     return float(shift.max())
+
+
+def quantized_weights(qat) -> dict[str, torch.Tensor]:
+    """Module target -> the weight each weighted node's forward uses after fake-quant (a fused
+    conv-bn's BatchNorm folded in with the QAT module's own arithmetic), on its integer grid:
+    what ``passes/snap_weights.py`` writes into a lowered graph."""
+    from .. import meta
+
+    weights = {}
+    with torch.no_grad():
+        for node, _ in meta.quantized_nodes(qat):
+            module = qat.get_submodule(node.target)
+            fq = getattr(module, "weight_fake_quant", None)
+            if fq is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+                continue
+            weight = module.weight
+            bn = getattr(module, "bn", None)
+            if bn is not None:
+                if bn.running_var is None or bn.weight is None:
+                    continue
+                shape = [1] * weight.dim()
+                shape[0] = -1
+                weight = weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(shape)
+            if fq.is_per_channel:
+                weights[node.target] = torch.fake_quantize_per_channel_affine(
+                    weight, fq.scale, fq.zero_point, fq.ch_axis, fq.quant_min, fq.quant_max)
+            else:
+                weights[node.target] = torch.fake_quantize_per_tensor_affine(
+                    weight, fq.scale, fq.zero_point, fq.quant_min, fq.quant_max)
+    return weights
+

@@ -15,7 +15,9 @@ import torch.fx as fx
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
 
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
+from fxptqat.passes.snap_weights import snap_weights
 
+from ..capture import quantized_weights
 from ..capture.qconfig import backend_config
 from ..config import QuantConfig
 from ..errors import LoweringError
@@ -33,6 +35,7 @@ def reference(qat: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
         raise LoweringError(f"torch.ao reference conversion failed: {type(e).__name__}: {e}") from e
     finally:
         release_device_cache()
+    snap_weights(ref, weights=quantized_weights(qat))  # BN folding ties: the fake-quant integers
     qmin, qmax = config.weight_qrange
     clamp_int_weights(ref, qmin=qmin, qmax=qmax)
     return ref

@@ -20,7 +20,9 @@ from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.float_scalar_ops import float_scalar_ops
 from fxptqat.passes.pack_with_engine import pack_with_engine
 from fxptqat.passes.replace_quantized_prelu import replace_quantized_prelu
+from fxptqat.passes.snap_weights import snap_weights
 
+from ..capture import quantized_weights
 from ..capture.qconfig import backend_config
 from ..config import QuantConfig
 from ..errors import LoweringError
@@ -55,6 +57,10 @@ class Int8Pass:
     packs: bool = False
 
 
+def _fake_quant_weights(qat, int8, config: QuantConfig) -> dict:
+    return {"weights": quantized_weights(qat)}
+
+
 def _weight_range(qat, int8, config: QuantConfig) -> dict:
     qmin, qmax = config.weight_qrange
     return {"qmin": qmin, "qmax": qmax}
@@ -78,6 +84,7 @@ def output_grids(qat: fx.GraphModule, int8: fx.GraphModule) -> dict[str, tuple[f
 
 
 PASSES: tuple[Int8Pass, ...] = (
+    Int8Pass(snap_weights, _fake_quant_weights, packs=True),
     Int8Pass(clamp_int_weights, _weight_range, packs=True),
     Int8Pass(pack_with_engine, _exact_kernels),
     Int8Pass(float_scalar_ops, lambda qat, int8, config: {"grids": output_grids(qat, int8)}),
