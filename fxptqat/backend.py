@@ -98,7 +98,7 @@ def _fake_quant_args(node: fx.Node) -> tuple[Any, ...]:
     names = ("input", "scale", "zero_point", "quant_min", "quant_max")
     if kind == "channel":
         names = ("input", "scale", "zero_point", "axis", "quant_min", "quant_max")
-    values = dict(zip(names, node.args))
+    values = dict(zip(names, node.args, strict=False))  # trailing arguments may come as keywords
     values.update(node.kwargs)
     return (values["input"], values["scale"], values["zero_point"], values["quant_min"], values["quant_max"],
             values.get("axis"))
@@ -110,7 +110,7 @@ def rewrite_fake_quant(gm: fx.GraphModule, mode: str = "fuse", example_inputs: S
     Returns how many calls were replaced."""
     count = 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    values = {n: v for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.Tensor)}
+    values = {n: v for n, v in zip(placeholders, example_inputs, strict=False) if isinstance(v, torch.Tensor)}
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in FAKE_QUANT_OPS:
             continue
@@ -175,7 +175,7 @@ def _constant_module_state(gm: fx.GraphModule, example_inputs: Sequence) -> list
     fqns = gm.meta.setdefault("dynamo_flat_name_to_original_fqn", {})
     keep = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs, strict=False)):
         source = getattr(node, "_dynamo_source", None)
         if (not isinstance(value, torch.Tensor) or source is None
                 or getattr(value, "_dynamo_static_input_type", None) is None):

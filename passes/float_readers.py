@@ -34,15 +34,10 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxptqat import meta
-from fxptqat.fake_quantize import FakeQuantize
-from fxptqat.passes.drop_output_quantizers import _FUSED_RELU, _is_activation
+from fxptqat.passes.drop_output_quantizers import _FUSED_RELU, _is_activation, _is_quantizer
 
 __all__ = ["float_readers"]
 REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
-
-
-def _is_quantizer(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantize)
 
 
 def _feeds_quantized_op(node: fx.Node, gm: fx.GraphModule, qconfigs: dict) -> bool:

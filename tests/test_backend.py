@@ -220,7 +220,7 @@ def test_finetune_compile_follows_the_eager_losses():
     eager = fq.finetune(a, loader, nn.functional.cross_entropy, steps=4, lr=1e-3, progress=False)
     compiled = fq.finetune(b, loader, nn.functional.cross_entropy, steps=4, lr=1e-3, progress=False, compile=True)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(fq.ConfigError, match="compile must be True or False"):
         fq.finetune(a, loader, nn.functional.cross_entropy, steps=1, compile="yes")

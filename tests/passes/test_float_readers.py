@@ -145,7 +145,7 @@ def test_property_only_quantized_ops_read_quantizers_unless_a_float_path_leads_t
     assert {n: _reads(gm, n) for n in quantized} == reads_before
     calls = fake_quant_calls(gm)
     modules = {n.target for n in calls}
-    for node, info in meta.quantized_nodes(gm):
+    for _, info in meta.quantized_nodes(gm):
         assert info.output_quantizer is None or info.output_quantizer in {n.name for n in calls}
     rewired = result.modified
     assert rewired or len(calls) == n_fq
