@@ -16,7 +16,7 @@ from torch.fx.node import map_arg
 from . import meta
 from .errors import CalibrationError, FxptqatError, InputError
 from .fake_quantize import is_quantizer
-from .stats import RunningError
+from .stats import RunningError, sum_squares
 
 __all__ = ["CheckedInterpreter", "ErrorRecorder"]
 
@@ -169,8 +169,9 @@ class ErrorRecorder(CheckedInterpreter):
                 # every consumer clamps this value (passes/fit_observers_to_clamps.py): the error
                 # the network sees is between the clamped values
                 q, iso, f = (v.clamp(*grid.observe_range) for v in (q, iso, f))
-            self.propagated[owner].update(q, f)
-            self.isolated[owner].update(iso, f)
+            sq_ref = sum_squares(f)  # shared by both
+            self.propagated[owner].update(q, f, sq_ref=sq_ref)
+            self.isolated[owner].update(iso, f, sq_ref=sq_ref)
             pair.iso = None
         return pair
 

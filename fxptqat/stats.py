@@ -10,6 +10,13 @@ import torch
 __all__ = ["ErrorStats", "RunningError"]
 
 
+def sum_squares(x: torch.Tensor) -> float:
+    """``sum(x**2)`` accumulated in float64 (the products in float32 for float32 input)."""
+    x = x.detach().flatten()
+    x = x if x.dtype == torch.float32 else x.double()
+    return float(torch.sum(x * x, dtype=torch.float64))
+
+
 @dataclasses.dataclass(frozen=True)
 class ErrorStats:
     """Error of a quantized tensor against its float reference, over all elements seen."""
@@ -34,15 +41,20 @@ class RunningError:
         self.count = 0
         self.sq_err = self.sq_ref = self.sq_q = self.dot = self.max_abs = 0.0
 
-    def update(self, quant: torch.Tensor, ref: torch.Tensor) -> None:
-        q = quant.detach().to(torch.float64).flatten()
-        r = ref.detach().to(torch.float64).flatten()
+    def update(self, quant: torch.Tensor, ref: torch.Tensor, *, sq_ref: float | None = None) -> None:
+        """Add one pair. Products are formed in the inputs' precision (float32: each rounded to
+        6e-8 of itself) and summed in float64, without float64 copies of the tensors; ``sq_ref``:
+        ``sum(ref**2)`` when the caller already has it (see :func:`sum_squares`)."""
+        q = quant.detach().flatten()
+        r = ref.detach().flatten()
+        if q.dtype != torch.float32 or r.dtype != torch.float32:  # half types: products in float64
+            q, r = q.double(), r.double()
         err = q - r
         self.count += r.numel()
-        self.sq_err += float(err.dot(err))
-        self.sq_ref += float(r.dot(r))
-        self.sq_q += float(q.dot(q))
-        self.dot += float(q.dot(r))
+        self.sq_err += sum_squares(err)
+        self.sq_ref += sum_squares(r) if sq_ref is None else sq_ref
+        self.sq_q += sum_squares(q)
+        self.dot += float(torch.sum(q * r, dtype=torch.float64))
         if err.numel():
             self.max_abs = max(self.max_abs, float(err.abs().max()))
 
