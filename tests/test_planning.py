@@ -379,3 +379,29 @@ def test_cli_plan_with_steps_prints_the_schedule(capsys):
 def test_cli_plan_errors(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weight_scales", ["frozen", "track"])
+def test_train_with_plan_compiled_follows_eager(weight_scales):
+    """compile=True: both phases through backend="fxptqat", the same losses as eager. With frozen
+    scales the QAT phase is one graph; tracked scales run torch.ao's observers, which Dynamo does
+    not trace (graph breaks around them, still the same losses)."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model, plan = TinyNet(), _plan()
+    config = fq.QuantConfig(weight_bits=4, act_bits=8)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        runs.append(train_with_plan(copy.deepcopy(model), (torch.randn(2, 8),), _data(), nn.functional.cross_entropy,
+                                    plan, config=config, lr=0.01, compile=compiled, weight_scales=weight_scales))
+    assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-4, abs=1e-5)
+    assert counters["fxptqat"]["fused_graphs"] >= 1
+    if weight_scales == "frozen":
+        assert counters["fxptqat"]["graphs"] == 2, dict(counters["fxptqat"])  # FP phase, QAT phase
+    with pytest.raises(ConfigError, match="compile must be True or False"):
+        train_with_plan(model, (torch.randn(2, 8),), _data(), nn.functional.cross_entropy, plan, compile=1)
