@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
-from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver
+from torch.ao.quantization.observer import (
+    FixedQParamsObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    PerChannelMinMaxObserver,
+)
 
 import fxptqat as fq
 from fxptqat import meta
@@ -132,7 +137,12 @@ def test_fixed_qparams_ops_and_weight_only_graphs_are_unaffected(observer):
     model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.Sigmoid(), nn.Conv2d(4, 4, 1))
     x = _batches(1)[0]
     qat = fq.prepare(model, x, config=fq.QuantConfig(act_observer=observer))
-    assert any(isinstance(m, FixedQParamsFakeQuantize) for m in qat.modules())
+    # the sigmoid's fixed 1/256 grid (torch.ao's FixedQParamsFakeQuantize, held by fxptqat's
+    # FakeQuantize so that Dynamo traces it) whatever the activation observer
+    fixed = [m for m in qat.modules()
+             if isinstance(m, FakeQuantize) and isinstance(m.activation_post_process, FixedQParamsObserver)]
+    assert len(fixed) == 1 and float(fixed[0].scale) == 1.0 / 256 and int(fixed[0].zero_point) == 0
+    assert not any(isinstance(m, FixedQParamsFakeQuantize) for m in qat.modules())
     weight_only = fq.prepare(model, x, config=fq.QuantConfig(act_bits=None, act_observer=observer))
     assert not _act_quantizers(weight_only)
 
