@@ -2,6 +2,7 @@
 plain inductor and FP32 training, and INT8 inference against ``lower(runtime="inductor")``.
 
     python benchmarks/compile.py [--quick] [--json PATH] [--models ...] [--steps N] [--threads 2]
+    python benchmarks/compile.py --report-only [--json PATH]   # the .md again from the JSON
 
 Per model (random weights, BatchNorm statistics re-estimated on random batches as the zoo does:
 ``zoo_models.give_signal``), prepared W4A8 (``QuantConfig(weight_bits=4)``), calibrated on 4 random
@@ -85,6 +86,14 @@ MEM_METHOD = (
     "exist before). torch's CPU allocator is glibc malloc here, so this is what it takes from the OS. "
     "warmup_peak_rss_mb: the same over the 2 warm-up steps (Dynamo, AOTAutograd and inductor in this "
     "process; inductor's C++ compiler runs in child processes, not counted)."
+)
+COMPILE_NOTE = (
+    "compile_s is the wall time of the 2 warm-up steps (inference: of lower() or the first calls), with "
+    "inductor's cache directory empty at the start of the run. The variants of a model compile one after "
+    "the other in one process, in the order of the table, and inductor reuses a kernel it already compiled "
+    "in this process (its in-memory and on-disk caches are keyed by the kernel's source): a variant listed "
+    "later (PTQAT after AllLayers, lower() after the compiled INT8 model) may compile faster for that "
+    "reason alone. Compile times are therefore comparable within the first of each kind only."
 )
 
 __all__ = ["MODELS", "QUICK_MODELS", "main", "run_model", "markdown", "goals"]
@@ -609,7 +618,10 @@ def markdown(data: dict) -> str:
              f"torch {meta['torch']}, python {meta['python']}, {meta['date']}; {meta['steps']} timed steps after "
              f"{WARMUP} warm-up steps, round-robin over the variants; wall time {meta.get('wall_s', '-')} s; "
              f"load average {meta['load_average_start']} at start, {meta.get('load_average_end', '-')} at end. "
-             f"AVX-512 VNNI: {meta['avx512_vnni']}. Inductor cache: {meta['inductor_cache']}.", "",
+             f"AVX-512 VNNI: {meta['avx512_vnni']}. Inductor cache: {meta['inductor_cache']}."
+             + (f" Resumed: {', '.join(meta['resumed']['models'])} measured by the same command in an earlier, killed "
+                f"process ({meta['resumed']['their_run'].get('date')}); this process's wall time covers the rest, the "
+                f"models' own times add up to {meta.get('models_seconds_total')} s." if meta.get("resumed") else ""), "",
              "Step = forward + cross-entropy + zero_grad + backward + Adam step (random targets), W4A8 "
              "(`QuantConfig(weight_bits=4)`), random weights (BatchNorm statistics re-estimated). Ratios are of "
              "medians measured side by side in this run; in brackets the 25th-75th percentile of the per-repetition "
@@ -671,7 +683,7 @@ def markdown(data: dict) -> str:
             if k != "best_fp32":
                 lines.append(f"| {k} | {_ratio_cell(r)} |")
         lines.append(f"| (faster FP32 step) | {m['ratios']['best_fp32']} |")
-    lines += ["", "Memory: " + MEM_METHOD, ""]
+    lines += ["", "Compile time: " + COMPILE_NOTE, "", "Memory: " + MEM_METHOD, ""]
     return "\n".join(lines)
 
 
@@ -709,7 +721,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warm-cache", action="store_true", help="keep inductor's usual cache (compile times then "
                    "depend on earlier runs); default: a fresh empty cache directory")
+    p.add_argument("--resume", action="store_true", help="take the models a killed run completed from its "
+                   ".running.json next to --json and run the rest")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md (and the goals) from --json's records")
     args = p.parse_args(argv)
+    if args.report_only:
+        path = args.json or DEFAULT_JSON
+        data = json.loads(path.read_text())
+        data["goals"] = goals(data["models"])
+        path.write_text(json.dumps(data, indent=1, default=str))
+        path.with_suffix(".md").write_text(markdown(data))
+        print(f"rewrote {path.with_suffix('.md')} from {path}")
+        return 0
     catalogue = QUICK_MODELS if args.quick else MODELS
     names = args.models or list(DEFAULT_QUICK_MODELS if args.quick else DEFAULT_MODELS)
     unknown = [n for n in names if n not in catalogue]
@@ -734,9 +757,21 @@ def main(argv: list[str] | None = None) -> int:
     data = {"meta": meta, "models": [], "goals": []}
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.stem + ".running.json")
+    done: dict = {}
+    if args.resume and partial.exists():
+        # models a killed run completed: each model's ratios were measured side by side within its own run
+        before = json.loads(partial.read_text())
+        done = {m["model"]: m for m in before["models"] if "ratios" in m and m["model"] in names}
+        if done:
+            meta["resumed"] = {"models": sorted(done), "their_run": {k: before["meta"].get(k) for k in
+                               ("command", "date", "load_average_start", "steps", "threads", "fxptqat")}}
+            log(f"resuming: {sorted(done)} taken from {partial} (run of {before['meta'].get('date')})")
     try:
         for name in names:
             spec = catalogue[name]
+            if name in done:
+                data["models"].append(done[name])
+                continue
             log(f"== {name}")
             try:
                 rec = run_model(spec, args.steps)
@@ -744,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = {"model": name, "error": _error(e)}
                 log(f"{name} failed: {type(e).__name__}: {str(e)[:300]}")
             rec["transformer"] = spec.transformer
+            rec["run_date"] = meta["date"]
             data["models"].append(rec)
             partial.write_text(json.dumps(data, indent=1, default=str))
             gc.collect()
@@ -751,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         if cache:
             shutil.rmtree(cache, ignore_errors=True)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
+    meta["models_seconds_total"] = round(sum(m.get("seconds", 0) for m in data["models"]), 1)
     meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     data["goals"] = goals(data["models"])
     path.write_text(json.dumps(data, indent=1, default=str))

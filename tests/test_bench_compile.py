@@ -97,3 +97,13 @@ def test_quick_refuses_the_committed_results(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "never writes into benchmarks/results" in proc.stderr
+
+
+def test_report_only_rewrites_the_markdown_from_the_json(quick, tmp_path):
+    data, md = quick
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    proc = subprocess.run([sys.executable, str(BENCH), "--report-only", "--json", str(path)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert path.with_suffix(".md").read_text() == md
