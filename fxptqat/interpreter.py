@@ -130,6 +130,38 @@ def _weights_float(quantizer) -> Iterator[None]:
         quantizer.enable_fake_quant(saved)
 
 
+@contextlib.contextmanager
+def _weights_once(quantizers) -> Iterator[None]:
+    """Each weight quantizer fake-quantizes once inside the block and then returns that tensor.
+
+    For measure_error (eval mode, no grad, weights and BatchNorm statistics fixed): a weighted
+    module's weight input is a function of its parameters and buffers alone, so the quantized and
+    the isolated call of every batch would compute the same fake-quantized weights again. Calls with
+    fake-quant disabled (the float path) or with the observer on (which must see every call) go to
+    the quantizer as usual; a cached result is keyed by the weight's shape and dtype."""
+    patched = []
+    try:
+        for quantizer in dict.fromkeys(quantizers):  # a quantizer shared by two nodes is patched once
+            if "forward" in vars(quantizer):
+                continue  # already an instance attribute (the user's or ours): leave it alone
+            original, cache = quantizer.forward, {}
+
+            def forward(x, _original=original, _cache=cache, _q=quantizer):
+                if not bool(_q.fake_quant_enabled[0]) or bool(_q.observer_enabled[0]) or torch.is_grad_enabled():
+                    return _original(x)
+                key = (tuple(x.shape), x.dtype, x.device)
+                if key not in _cache:
+                    _cache[key] = _original(x)
+                return _cache[key]
+
+            quantizer.forward = forward
+            patched.append(quantizer)
+        yield
+    finally:
+        for quantizer in patched:
+            del quantizer.forward
+
+
 class ErrorRecorder(CheckedInterpreter):
     """Runs the float and the quantized network side by side, in one pass per batch.
 
@@ -147,6 +179,12 @@ class ErrorRecorder(CheckedInterpreter):
         self.observe_at = {info.output_quantizer or name: name for name, info in self.weighted.items()}
         self.isolated = {name: RunningError() for name in self.weighted}
         self.propagated = {name: RunningError() for name in self.weighted}
+
+    def weights_once(self):
+        """Context in which every weight quantizer of a weighted node fake-quantizes once (see
+        :func:`_weights_once`): the quantized and isolated paths and all batches share the result."""
+        quantizers = [self.fetch_attr(info.weight_quantizer) for info in self.weighted.values() if info.weight_quantizer]
+        return _weights_once([q for q in quantizers if hasattr(q, "fake_quant_enabled")])
 
     def run_node(self, n: fx.Node):
         try:

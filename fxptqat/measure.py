@@ -24,7 +24,7 @@ def measure(qat: fx.GraphModule, batches: Iterable, *, graph_id: str) -> ErrorRe
     recorder = ErrorRecorder(qat)
     seen = samples = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), recorder.weights_once():
             for args in iter_batches(batches, qat, what="measure_error()"):
                 recorder.run(*args)
                 seen += 1
