@@ -22,7 +22,8 @@ Options (``torch.compile(..., backend="fxptqat", options={...})``):
 ``int8`` (default "auto"): under ``torch.no_grad()`` (inference), lower every fake-quant call to
     the ``quantized_decomposed`` quantize/dequantize pair and compile with inductor's weight
     freezing, so that ``dequantize -> conv/linear`` runs on oneDNN's integer kernels -- the path of
-    ``lower(runtime="inductor")``. "auto" does so when the graph is an inference graph, False
+    ``lower(runtime="inductor")``; the eval-mode BatchNorm of torch.ao's ConvBn modules is folded
+    into the conv's bias first (:func:`fold_batch_norm`), as torch.ao's convert does. "auto" does so when the graph is an inference graph, False
     never, True refuses a graph that is not one.
 ``inductor``: a dict of ``torch._inductor.config`` options passed on.
 
@@ -32,6 +33,7 @@ A graph without a fake-quant call compiles with inductor unchanged; the reason i
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -194,6 +196,118 @@ def _constant_module_state(gm: fx.GraphModule, example_inputs: Sequence) -> list
     return keep
 
 
+_CONVS = (torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+          torch.nn.functional.conv3d)
+_BATCH_NORMS = (torch.nn.functional.batch_norm, torch.batch_norm)
+_DIV = (operator.truediv, torch.div)
+_ADD = (operator.add, torch.add)
+
+
+def _constant_value(node, gm: fx.GraphModule, memo: dict):
+    """The value of a node computed from the graph's constants alone (attributes, literals), or None."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node in memo:
+        return memo[node]
+    value = None
+    if node.op == "get_attr":
+        value = getattr(gm, node.target)
+    elif node.op in ("call_function", "call_method"):
+        args = [_constant_value(a, gm, memo) if isinstance(a, fx.Node) else a for a in node.args]
+        if not any(a is None for a, n in zip(args, node.args, strict=True) if isinstance(n, fx.Node)) and not any(
+                isinstance(v, fx.Node) for v in node.kwargs.values()):
+            try:
+                with torch.no_grad():
+                    value = (node.target(*args, **node.kwargs) if node.op == "call_function"
+                             else getattr(args[0], node.target)(*args[1:], **node.kwargs))
+            except Exception:  # not evaluable here: leave the node alone
+                value = None
+    memo[node] = value if isinstance(value, torch.Tensor) else None
+    return memo[node]
+
+
+def _batch_norm_args(node: fx.Node) -> dict:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    values = dict(zip(names, node.args, strict=False))
+    values.update(node.kwargs)
+    if node.target is torch.batch_norm:  # torch.batch_norm(input, weight, bias, mean, var, training, momentum, eps, cudnn)
+        order = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps")
+        values = dict(zip(order, node.args, strict=False))
+    return values
+
+
+def fold_batch_norm(gm: fx.GraphModule) -> int:
+    """Fold the eval-mode BatchNorm of torch.ao's QAT ConvBn modules into the conv's bias.
+
+    torch.ao's ``ConvBn*d`` (QAT) computes ``bn(conv(x, fq(w * s)) / s + b)`` with ``s = gamma /
+    sqrt(var + eps)``, the statistics of that very BatchNorm: in eval mode the multiplier of the conv
+    output is ``(gamma / sqrt(var + eps)) / s = 1`` and the whole is ``conv(x, fq(w * s)) + c`` with
+    ``c = (b - mean) * gamma / sqrt(var + eps) + beta``, what torch.ao's convert computes. Written
+    that way the INT8 conv takes ``c`` as its bias and inductor fuses it with the next quantize
+    (otherwise the conv's float output goes through memory to a separate per-channel kernel).
+    ``c`` is written as graph arithmetic on the constants, which freezing folds. Applied only where every quantity is a constant of ``gm`` (after :func:`_constant_module_state`)
+    and the multiplier is 1 within 1e-5 on every channel (zero ``gamma`` channels: left alone).
+    Returns how many BatchNorms were folded."""
+    memo: dict = {}
+    folded = 0
+    for bn in list(gm.graph.nodes):
+        if bn.op != "call_function" or bn.target not in _BATCH_NORMS:
+            continue
+        a = _batch_norm_args(bn)
+        if a.get("training", False) is not False:
+            continue
+        node, bias_node = a["input"], None
+        if (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADD
+                and len(node.users) == 1):
+            node, bias_node = node.args[0], node.args[1]
+        div = node
+        if not (isinstance(div, fx.Node) and div.op == "call_function" and div.target in _DIV
+                and len(div.users) == 1 and not div.kwargs):
+            continue
+        conv = div.args[0]
+        if not (isinstance(conv, fx.Node) and conv.op == "call_function" and conv.target in _CONVS
+                and len(conv.users) == 1 and len(conv.args) >= 3 and not conv.kwargs):
+            continue
+        consts = [_constant_value(n, gm, memo) for n in
+                  (div.args[1], a["running_mean"], a["running_var"], a.get("weight"), a.get("bias"))]
+        b = _constant_value(bias_node, gm, memo) if bias_node is not None else 0.0
+        zero_bias = _constant_value(conv.args[2], gm, memo) if conv.args[2] is not None else 0.0
+        if any(v is None for v in consts) or b is None or zero_bias is None:
+            continue  # (also: a BatchNorm without affine parameters)
+        s, mean, var, gamma, beta = consts
+        if not (isinstance(zero_bias, float) or not torch.any(zero_bias)):
+            continue  # the conv already adds something: not torch.ao's ConvBn form
+        channels = mean.numel()
+        s, b = s.flatten(), b.flatten() if torch.is_tensor(b) else torch.full((channels,), float(b))
+        if s.numel() != channels or b.numel() != channels:
+            continue
+        std = torch.sqrt(var + a.get("eps", 1e-5))
+        multiplier = gamma / std / s
+        if not bool(torch.all((multiplier - 1).abs() <= 1e-5)):
+            continue
+        g = gm.graph
+        with g.inserting_before(bn):  # c as graph arithmetic on the constants: freezing folds it
+            std = g.call_function(torch.sqrt, (g.call_function(operator.add, (a["running_var"], a.get("eps", 1e-5))),))
+            bias = (g.call_method("reshape", (bias_node, (-1,))) if bias_node is not None
+                    else g.call_function(torch.zeros_like, (a["running_mean"],)))
+            centred = g.call_function(operator.sub, (bias, a["running_mean"]))
+            scaled = g.call_function(operator.mul, (centred, g.call_function(operator.truediv, (a["weight"], std))))
+            new_bias = g.call_function(operator.add, (scaled, a["bias"]))
+        conv.args = (*conv.args[:2], new_bias, *conv.args[3:])
+        bn.prepend(conv)  # after the bias it now reads (its own inputs all come earlier)
+        bn.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn)
+        if bias_node is not None and a["input"] is not div:
+            gm.graph.erase_node(a["input"])
+        gm.graph.erase_node(div)
+        folded += 1
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return folded
+
+
 def _needs_grad(example_inputs: Sequence) -> bool:
     return torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
@@ -263,6 +377,7 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
 
     rewrite_fake_quant(gm, "qdq", example_inputs)
     keep = _constant_module_state(gm, example_inputs)
+    counters["folded_batch_norms"] += fold_batch_norm(gm)
     counters["int8_graphs"] += 1
     compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches={"freezing": True, **inductor})
     n_inputs = len(example_inputs)

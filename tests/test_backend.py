@@ -168,6 +168,7 @@ def test_inference_runs_int8_kernels_with_the_result_of_lower_inductor_and_parit
         expected = fq.lower(qat, runtime="inductor", example_inputs=batches[0])(*batches[0])
         fake = qat(*batches[0])
     assert counters["fxptqat"]["int8_graphs"] >= 1
+    assert counters["fxptqat"]["folded_batch_norms"] == 1  # the ConvBn's BatchNorm became the conv's bias
     assert counters["inductor"]["qconv_weight_prepack_matcher_count"] >= 1
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] >= 1
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
@@ -224,3 +225,49 @@ def test_finetune_compile_follows_the_eager_losses():
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(fq.ConfigError, match="compile must be True or False"):
         fq.finetune(a, loader, nn.functional.cross_entropy, steps=1, compile="yes")
+
+
+def _dynamo_graph(model, x):
+    """The graph (and example inputs) Dynamo hands a backend for ``model(x)`` under no_grad."""
+    seen = []
+
+    def grab(gm, example_inputs):
+        seen.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=grab)(x)
+    torch._dynamo.reset()
+    (gm, inputs), = seen
+    return gm, inputs
+
+
+@pytest.mark.parametrize("zero_gamma", [False, True])
+def test_fold_batch_norm_turns_convbn_into_conv_with_bias(zero_gamma):
+    """torch.ao's eval-mode ConvBn ``bn(conv(x, fq(w*s)) / s + b)`` becomes ``conv(x, fq(w*s), c)``,
+    the same values; a channel with gamma 0 (s = 0: the division is 0/0) is left alone."""
+    from fxptqat.backend import _constant_module_state, fold_batch_norm, rewrite_fake_quant
+
+    qat, batches = _qat()
+    if zero_gamma:
+        with torch.no_grad():
+            qat.get_submodule("conv").bn.weight[2] = 0.0
+    qat.eval()
+    (x,) = batches[0]
+    gm, inputs = _dynamo_graph(qat, x)
+    rewrite_fake_quant(gm, "qdq", inputs)
+    keep = _constant_module_state(gm, inputs)
+    with torch.no_grad():
+        before = gm(*[inputs[i] for i in keep])
+    folded = fold_batch_norm(gm)
+    norms = [n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+    if zero_gamma:
+        assert folded == 0 and len(norms) == 1
+        return
+    assert folded == 1 and not norms
+    with torch.no_grad():
+        after = gm(*[inputs[i] for i in keep])
+        fake = qat(x)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(after[0], fake, rtol=0, atol=1e-5)
