@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import math
@@ -353,6 +354,61 @@ def test_train_with_plan_rejects_bad_arguments():
         train_with_plan(model, example, [], loss, _plan())
 
 
+def test_train_with_plan_policy_trains_only_the_selected_nodes():
+    torch.manual_seed(0)
+    model, plan = TinyNet(), _plan()
+    run = train_with_plan(model, (torch.randn(2, 8),), _data(), nn.functional.cross_entropy, plan,
+                          config=fq.QuantConfig(weight_bits=4, act_bits=8), lr=0.01, policy=fq.Count(1))
+    sel = run.selection
+    assert isinstance(sel, fq.Selection) and len(sel.trainable) == 1 and len(sel.frozen) == 1
+    assert sel.policy == repr(fq.Count(1))
+    trained, frozen = sel.sources[sel.trainable[0]], sel.sources[sel.frozen[0]]
+    assert {trained, frozen} == {"fc1", "fc2"}
+    assert len(run.losses) == plan.total_steps and run.switch_step == plan.fp_steps
+    assert run.carried_state == 2  # the trained layer's weight and bias kept their Adam moments
+    # `model` holds the weights at the switch step: the frozen layer kept them bit for bit, the trained moved on
+    for name in ("weight", "bias"):
+        assert torch.equal(getattr(model.get_submodule(frozen), name), getattr(run.qat.get_submodule(frozen), name))
+        assert not torch.equal(getattr(model.get_submodule(trained), name),
+                               getattr(run.qat.get_submodule(trained), name))
+    assert not any(p.requires_grad for p in run.qat.get_submodule(frozen).parameters())
+    # tracked scales: the trained layer's follow its final weights; the frozen layer's are calibration's
+    for name in (trained, frozen):
+        module = run.qat.get_submodule(name)
+        assert torch.allclose(module.weight_fake_quant.scale, module.weight.detach().abs().amax(dim=1) / 7, rtol=1e-5)
+    assert all(q.frozen for q in run.qat.modules() if isinstance(q, fq.FakeQuantize))
+
+
+def test_train_with_plan_policy_all_layers_equals_no_policy_and_none_skips_qat():
+    """TinyNet has no parameter outside its quantized nodes, so AllLayers() trains what policy=None trains."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    config = fq.QuantConfig(weight_bits=4, act_bits=None)
+    runs = {}
+    for policy in (None, fq.AllLayers(), fq.NoLayers()):
+        runs[repr(policy)] = train_with_plan(copy.deepcopy(model), (torch.randn(2, 8),), _data(),
+                                             nn.functional.cross_entropy, _plan(), config=config, lr=0.01,
+                                             policy=policy)
+    plain, every, nothing = runs["None"], runs["AllLayers()"], runs["NoLayers()"]
+    assert plain.selection is None and len(every.selection.trainable) == 2
+    assert every.losses == plain.losses and every.carried_state == plain.carried_state == 4
+    assert torch.equal(every.qat.fc1.weight, plain.qat.fc1.weight)
+    # nothing selected: the QAT phase is skipped, the result is the PTQ graph at the switch step
+    assert nothing.selection.trainable == () and len(nothing.losses) == _plan().fp_steps
+    assert nothing.losses == plain.losses[: _plan().fp_steps] and nothing.carried_state == 0
+    assert not torch.equal(nothing.qat.fc1.weight, plain.qat.fc1.weight)
+
+
+@pytest.mark.parametrize("policy", ["threshold", 0.01, fq.Threshold, object()])
+def test_train_with_plan_rejects_a_non_policy_before_training(policy):
+    torch.manual_seed(0)
+    model = TinyNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="policy .* has no choose"):
+        train_with_plan(model, (torch.randn(2, 8),), _data(), nn.functional.cross_entropy, _plan(), policy=policy)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # -- command line ----------------------------------------------------------------------------------
 def test_cli_plan_prints_the_worked_example(capsys, tmp_path):
     out = tmp_path / "plan.json"
@@ -386,8 +442,6 @@ def test_train_with_plan_compiled_follows_eager(weight_scales):
     """compile=True: both phases through backend="fxptqat", the same losses as eager. With frozen
     scales the QAT phase is one graph; tracked scales run torch.ao's observers, which Dynamo does
     not trace (graph breaks around them, still the same losses)."""
-    import copy
-
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
