@@ -106,6 +106,11 @@ def select_trainable(
             "call fxptqat.measure_error() on this graph and pass its report."
         )
     policy = Threshold() if policy is None else policy
+    if isinstance(policy, type):  # fq.Threshold instead of fq.Threshold(): choose() exists, unbound
+        raise ConfigError(
+            f"select_trainable(): policy is the class {policy.__name__}, not a policy; call it: "
+            f"policy={policy.__name__}(...)."
+        )
     if not callable(getattr(policy, "choose", None)):
         raise ConfigError(
             f"select_trainable(): policy {policy!r} has no choose(rows) method; use fxptqat.Threshold, "

@@ -432,6 +432,8 @@ def test_select_trainable_report_and_policy_types(calibrated):
         fq.select_trainable(calibrated, {"rows": []})
     with pytest.raises(fq.ConfigError, match="no choose"):
         fq.select_trainable(calibrated, report, policy="threshold")
+    with pytest.raises(fq.ConfigError, match=r"the class Threshold, not a policy; call it"):
+        fq.select_trainable(calibrated, report, policy=fq.Threshold)
     assert stage_of(calibrated).name == "MEASURED"
 
 
