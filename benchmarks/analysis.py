@@ -132,10 +132,12 @@ def child(model: str, method: str, n: int, quick: bool, repeats: int) -> dict:
             "batch_size": int(batches[0][0].shape[0])}
 
 
-def run(models, counts, quick: bool, repeats: int) -> list[dict]:
+def run(models, counts, quick: bool, repeats: int, cap: dict | None = None) -> list[dict]:
     records = []
     for model in models:
         for n in counts:
+            if cap and model in cap and n > cap[model]:
+                continue
             for method in METHODS:
                 cmd = [sys.executable, __file__, "--child", model, method, str(n), "--repeats", str(repeats)]
                 cmd += ["--quick"] if quick else []
@@ -155,7 +157,8 @@ def run(models, counts, quick: bool, repeats: int) -> list[dict]:
 
 
 def markdown(records: list[dict], meta: dict) -> str:
-    lines = [f"`{meta['command']}` on {meta['cpu']}, 1 thread, {meta['date']}.", "",
+    lines = [f"`{meta['command']}` on {meta['cpu']}, 1 thread, {meta['date']}"
+             f"{', commit ' + meta['commit'] if meta.get('commit') else ''}.", "",
              "| model | batches | method | time / fake-quant pass | seconds | peak MB above start |",
              "|---|---|---|---|---|---|"]
     for r in records:
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", nargs="+", type=int)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path)
+    p.add_argument("--cap", nargs="+", default=[], metavar="MODEL=N",
+                   help="skip batch counts above N for MODEL (e.g. resnet18=16: its 64-batch Numeric Suite rows take ~15 min)")
     p.add_argument("--child", nargs=3, metavar=("MODEL", "METHOD", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -187,7 +192,13 @@ def main(argv=None) -> int:
                 if line.startswith("model name")), platform.processor())
     meta = {"command": command.strip(), "cpu": cpu, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "load_average": os.getloadavg()}
-    records = run(args.models, counts, args.quick, repeats)
+    try:
+        cap = {m: int(n) for m, n in (item.split("=", 1) for item in args.cap)}
+    except ValueError:
+        p.error(f"--cap takes MODEL=N items, got {args.cap}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    meta["commit"] = commit.stdout.strip() or None
+    records = run(args.models, counts, args.quick, repeats, cap)
     path = args.json or (Path("/tmp") / "analysis_quick.json" if args.quick else RESULTS / "analysis.json")
     path.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     md = markdown(records, meta)
