@@ -12,6 +12,12 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile("dev", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `thorough`: random draws, many of them (HYPOTHESIS_MAX_EXAMPLES, default 300), for the by-hand
+# verification runs of the graph rewrites' properties (e.g. with several --hypothesis-seed values)
+settings.register_profile(
+    "thorough", max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "300")), deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # One intra-op thread: the 2 cores are shared, and oversubscribed torch threads stalled training
