@@ -25,7 +25,8 @@ from ..workarounds import exact_u8s8_kernels
 from .base import EXAMPLE_INPUTS, Option, Runtime
 from .reference import reference
 
-__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "weights_to_uint8", "RUNTIME"]
+__all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "widen_weight_grid", "weights_to_uint8",
+           "RUNTIME"]
 
 _FOLDABLE = ("QuantizeLinear", "Clip", "Cast")
 
@@ -75,6 +76,92 @@ def fold_weight_quantization(model) -> int:
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     return folded
+
+
+def widen_weight_grid(model) -> int:
+    """Store each int8 weight channel multiplied by the largest power of two k (at most 128) that
+    keeps it and its zero point in int8, its scale divided by k; returns how many weights changed.
+
+    The values are the same ((w*k - z*k) * (s/k) is (w - z) * s in float: k is a power of two), but
+    onnxruntime fuses DQ -> Conv/Gemm -> Q into integer kernels by rounding the float bias to int32
+    at scale ``input scale * weight scale``, where the fake-quant graph (and torch's fbgemm, oneDNN
+    and inductor kernels) add the bias in float. At 2-bit weights that grid is as coarse as the
+    output step (the bias moved by up to 0.8 of a step per layer; found by a random draw of the
+    lowering property). A b-bit weight stored in int8 leaves 8-b bits unused: spending them on the
+    grid makes the bias rounding 2^(8-b) times finer (at most 1/128 of an output step on the
+    models where it was a whole one). k also keeps the int32 bias below 2**30.
+    """
+    onnx, _ = _import()
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    values = {init.name: init for init in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def constant_scale(node_input):
+        dq = producers.get(node_input)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in values:
+            return None
+        return numpy_helper.to_array(values[dq.input[1]]).astype(np.float64)
+
+    widened = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        inits = [values.get(i) for i in node.input[:3]]
+        if any(i is None for i in inits) or inits[0].data_type != onnx.TensorProto.INT8:
+            continue
+        w, s, z = (numpy_helper.to_array(i) for i in inits)
+        if s.ndim == 0:
+            channels, axis = w.reshape(1, -1).astype(np.int64), None
+        else:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+            channels = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.int64)
+        zc = np.broadcast_to(z.astype(np.int64).reshape(-1), (channels.shape[0],))
+        hi = np.maximum(channels.max(1), zc)
+        lo = np.minimum(channels.min(1), zc)
+        limit = np.full(channels.shape[0], 128.0)
+        limit = np.where(hi > 0, np.minimum(limit, 127.0 / np.maximum(hi, 1)), limit)
+        limit = np.where(lo < 0, np.minimum(limit, 128.0 / np.maximum(-lo, 1)), limit)
+        sc = np.broadcast_to(s.astype(np.float64).reshape(-1), (channels.shape[0],))
+        for user in consumers.get(node.output[0], []):  # the int32 bias onnxruntime will make
+            if user.op_type not in ("Conv", "Gemm") or len(user.input) < 3 or user.input[2] not in values:
+                continue
+            s_in = constant_scale(user.input[0])
+            bias = np.abs(numpy_helper.to_array(values[user.input[2]]).astype(np.float64)).reshape(-1)
+            if s_in is None or s_in.size != 1 or bias.size != channels.shape[0] or axis != 0:
+                limit[:] = 1.0
+                continue
+            grid = float(s_in) * sc
+            with np.errstate(divide="ignore", invalid="ignore"):
+                room = np.where(bias > 0, 2.0**30 * grid / bias, np.inf)
+            limit = np.minimum(limit, np.where(grid > 0, room, 1.0))
+        k = np.exp2(np.floor(np.log2(np.maximum(limit, 1.0))))
+        if s.ndim == 0:
+            k = np.full_like(k, k.min())
+        if (k == 1).all():
+            continue
+        shape = [1] * w.ndim
+        if axis is not None:
+            shape[axis] = -1
+        kw = k.reshape(shape) if axis is not None else k[0]
+        new_w = (w.astype(np.int64) * kw).astype(np.int8)
+        new_s = (s.astype(np.float64) / (k if s.ndim else k[0])).astype(s.dtype)
+        new_z = (z.astype(np.int64) * (k if z.ndim else k[0])).astype(np.int8)
+        for slot, array, init in ((0, new_w, inits[0]), (1, new_s, inits[1]), (2, new_z, inits[2])):
+            name = f"{init.name}_wide_{widened}"
+            graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
+            node.input[slot] = name
+        widened += 1
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return widened
 
 
 def weights_to_uint8(model) -> int:
@@ -195,6 +282,8 @@ def export_onnx(
         raise LoweringError(f"ONNX export of the reference graph failed: {type(e).__name__}: {e}") from e
     model = program.model_proto
     fold_weight_quantization(model)
+    if uint8_weights or exact_u8s8_kernels():  # full-range int8 weights saturate u8 x s8 kernels without VNNI
+        widen_weight_grid(model)
     if uint8_weights:
         weights_to_uint8(model)
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of the file
