@@ -7,6 +7,7 @@ Imported as ``from helpers import ...``: pytest's default ("prepend") import mod
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,14 @@ class Twice(nn.Module):
 
     def forward(self, x):
         return self.h(self.l(torch.relu(self.l(x))))
+
+
+def examples(n: int) -> int:
+    """A property's ``max_examples``: ``n``, or more under the ``thorough`` hypothesis profile
+    (``HYPOTHESIS_MAX_EXAMPLES``, default 300), whose count an explicit ``settings`` would override."""
+    if os.environ.get("HYPOTHESIS_PROFILE") == "thorough":
+        return max(n, int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "300")))
+    return n
 
 
 def make_small_net(seed: int = 0) -> SmallNet:

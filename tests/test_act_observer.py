@@ -32,7 +32,7 @@ from fxptqat.lowering import reference
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import make_small_net  # noqa: E402
+from helpers import examples, make_small_net  # noqa: E402
 
 OBSERVER_CLASS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver}
 ALL = pytest.mark.parametrize("observer", ACT_OBSERVERS)
@@ -249,7 +249,7 @@ def test_degenerate_inputs():
     assert float(zeros.calculate_qparams()[0]) > 0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), shift=st.floats(-3, 3), spread=st.floats(0.01, 100))
 def test_log_histogram_is_order_independent_and_merges_exactly(seed, n, shift, spread):
     g = torch.Generator().manual_seed(seed)
@@ -343,7 +343,7 @@ def test_reference_lowering_uses_the_frozen_qparams(observer):
 
 
 # -- properties over random models -------------------------------------------------------------------
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(pair=traceable_models(max_layers=4), observer=st.sampled_from(["histogram", "ao_histogram"]))
 def test_properties_hold_with_histogram_observers(pair, observer):
     model, (x,) = pair

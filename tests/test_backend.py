@@ -17,6 +17,8 @@ import fxptqat as fq
 from fxptqat.backend import fake_quantize
 from fxptqat.workarounds import exact_u8s8_kernels
 
+from helpers import examples
+
 
 class Net(nn.Module):
     def __init__(self) -> None:
@@ -68,7 +70,7 @@ def test_registered_by_entry_point_in_a_fresh_process():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.integers(2, 8), st.booleans(), st.integers(0, 2**31 - 1), st.floats(1e-3, 1.0))
 def test_fake_quantize_is_torchs_op_with_its_gradient(bits, per_channel, seed, scale_top):
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ from fxptqat.lowering import exact_u8s8_kernels
 from fxptqat.lowering.inductor import InductorModule
 from fxptqat.testing import traceable_models, weight_bits
 
-from helpers import same_state, state_of
+from helpers import examples, same_state, state_of
 
 # Without AVX-512 VNNI oneDNN saturates 8-bit weights on full-range activations and lower() refuses
 # them (test_refuses_saturating_weights_without_vnni); 7-bit weights run exactly everywhere.
@@ -92,7 +92,7 @@ def test_weighted_recipe_linear_relu_add_compiles():
     assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(traceable_models(max_layers=4), weight_bits().map(lambda b: min(b, WB)))
 def test_property_weighted_recipe_compiles_and_matches_fake_quant(pair, wb):
     """The weighted recipe is meant for this runtime: every drawn model compiles and keeps parity."""

@@ -25,13 +25,13 @@ from fxptqat import meta
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
-from helpers import MODELS, TwoCats, node_named, property_batches, weighted_nodes
+from helpers import MODELS, TwoCats, examples, node_named, property_batches, weighted_nodes
 
 EPS32 = torch.finfo(torch.float32).eps
 # One example (prepare, calibrate, measure, lower... on a small model) takes ~20-100 ms with one
 # torch thread; these counts keep the file near 30 s on 2 cores when every property holds.
-FAST = settings(max_examples=40, deadline=None)
-PIPELINE = settings(max_examples=30, deadline=None)
+FAST = settings(max_examples=examples(40), deadline=None)
+PIPELINE = settings(max_examples=examples(30), deadline=None)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy
                          ids=["act8", "weight-only", "act8-weighted"])
 def test_lowered_int8_matches_fake_quant(ab, ops):
     # an ONNX export costs seconds per draw: 8 here and 6 in tests/test_lowering_onnx.py's property
-    @(settings(PIPELINE, max_examples=8) if ops == "weighted" else PIPELINE)
+    @(settings(PIPELINE, max_examples=examples(8)) if ops == "weighted" else PIPELINE)
     @given(MODELS, weight_bits())
     def check(pair, wb):
         model, (x,) = pair

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 import fxptqat as fq
 from fxptqat.stats import RunningError
 
+from helpers import examples
+
 
 def stats(mse: float, sqnr_db: float, cosine: float = 0.99, max_abs: float = 0.5, count: int = 64) -> fq.ErrorStats:
     return fq.ErrorStats(mse=mse, sqnr_db=sqnr_db, cosine=cosine, max_abs=max_abs, count=count)
@@ -137,7 +139,7 @@ def test_merge_of_two_halves_equals_one_pass():
     _stats_close(streamed.result(), whole.result())
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(values=st.lists(st.tuples(st.floats(-100, 100), st.floats(-1, 1)), min_size=2, max_size=30),
        cut=st.integers(min_value=1))
 def test_merge_property(values, cut):

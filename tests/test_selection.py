@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import fxptqat as fq
 from fxptqat.selection import badness
 
+from helpers import examples
+
 
 def stats(mse: float = 0.0, sqnr_db: float = 30.0, cosine: float = 1.0) -> fq.ErrorStats:
     return fq.ErrorStats(mse=mse, sqnr_db=sqnr_db, cosine=cosine, max_abs=0.0, count=10)
@@ -45,7 +47,7 @@ def test_threshold_high_is_the_complement():
     assert fq.Threshold(0.01, keep="high").choose(ROWS) == {"c", "d", "e"}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(rows=rows_strategy, theta=st.floats(min_value=0.0, max_value=10.0))
 def test_threshold_property(rows, theta):
     low = fq.Threshold(theta).choose(rows)
@@ -150,7 +152,7 @@ distinct_rows_strategy = st.lists(
 ).map(lambda vals: [row(f"n{i}", m, params=p) for i, (m, p) in enumerate(vals)])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(rows=distinct_rows_strategy, fraction=st.floats(min_value=1e-3, max_value=1.0),
        keep=st.sampled_from(["low", "high"]))
 def test_fraction_property_minimal_prefix_reaching_fraction(rows, fraction, keep):

@@ -21,7 +21,9 @@ from fxptqat.testing import (
     weight_bits,
 )
 
-SETTINGS = settings(max_examples=30, deadline=None)
+from helpers import examples
+
+SETTINGS = settings(max_examples=examples(30), deadline=None)
 
 
 def _modules(gm: torch.fx.GraphModule, cls: type[nn.Module]) -> list[nn.Module]:

@@ -10,7 +10,7 @@ from fxptqat.lowering import convert
 from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, converted, int_weights
+from helpers import MODELS, converted, examples, int_weights
 
 
 def _push_weights_out_of_range(qat):
@@ -85,7 +85,7 @@ def _stored_weights(int8):
     ]
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.booleans())
 def test_property_clamps_to_the_simulated_grid_and_second_run_is_a_noop(pair, wb, ab, push):
     model, (x,) = pair

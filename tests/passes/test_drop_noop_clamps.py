@@ -11,7 +11,7 @@ from fxptqat.passes.clamp_int_weights import clamp_int_weights
 from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, converted, fake_quants
+from helpers import MODELS, converted, examples, fake_quants
 
 
 def _calibrated(fit: bool = True):
@@ -65,7 +65,7 @@ def test_other_unused_submodules_are_kept():
     assert isinstance(int8.get_submodule("spare"), nn.Linear)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.booleans())
 def test_property_same_outputs_bit_for_bit_and_second_run_is_a_noop(pair, wb, ab, push):
     """Only clamps that cannot change a value go, so outputs stay bit-identical; there are such

@@ -12,7 +12,7 @@ from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, fake_quant_calls, inserted, node_named
+from helpers import MODELS, examples, fake_quant_calls, inserted, node_named
 
 WEIGHTED = fq.QuantConfig(quantized_ops="weighted")
 
@@ -188,7 +188,7 @@ def test_reference_graph_lowerings_handle_a_float_read_quantized_cat():
     assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(MODELS, weight_bits(), act_bits().filter(lambda bits: bits is not None))
 def test_property_drops_exactly_the_unread_output_quantizers(pair, wb, ab):
     """On the weighted recipe with quantized activations (the only one prepare() runs it on):

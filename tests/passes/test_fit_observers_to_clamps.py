@@ -12,7 +12,7 @@ from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import clamp_range, fit_observers_to_clamps
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, fake_quants, inserted
+from helpers import MODELS, examples, fake_quants, inserted
 
 
 class ConvReLU6(nn.Module):
@@ -138,7 +138,7 @@ def test_weight_only_graphs_have_nothing_to_fit():
     assert fit_observers_to_clamps(qat).modified is False
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]))
 def test_property_fits_only_clamped_quantizers_and_second_run_is_a_noop(pair, wb, ab, ops):
     """Honest ``modified``: True exactly when some quantizer got a range (drawn ReLU6s); the graph's

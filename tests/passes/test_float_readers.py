@@ -7,7 +7,7 @@ from fxptqat import meta
 from fxptqat.passes.float_readers import float_readers
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, fake_quant_calls, inserted, node_named
+from helpers import MODELS, examples, fake_quant_calls, inserted, node_named
 
 WEIGHTED = fq.QuantConfig(quantized_ops="weighted")
 
@@ -126,7 +126,7 @@ def test_prepare_applies_it_to_the_weighted_recipe_and_onnxruntime_keeps_parity(
         torch.testing.assert_close(qat(x), expected, rtol=0, atol=0)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(MODELS, weight_bits(), act_bits().filter(lambda bits: bits is not None))
 def test_property_only_quantized_ops_read_quantizers_unless_a_float_path_leads_to_one(pair, wb, ab):
     """Honest ``modified``, idempotent; afterwards a quantizer's reader is a quantized op, another

@@ -9,6 +9,8 @@ from fxptqat.lowering import convert
 from fxptqat.lowering.torch import output_grids
 from fxptqat.passes.float_scalar_ops import float_scalar_ops
 
+from helpers import examples
+
 
 class Scaled(nn.Module):
     def __init__(self, c_mul: float, c_add: float) -> None:
@@ -58,7 +60,7 @@ def test_an_op_without_a_grid_is_left_alone():
     assert len(_scalar_ops(int8)) == 2
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(st.floats(-4, 4).filter(lambda c: abs(c) > 1e-3), st.floats(-4, 4))
 def test_property_lowered_scalar_ops_equal_fake_quant(c_mul, c_add):
     qat, x = _calibrated(c_mul, c_add)

@@ -7,6 +7,8 @@ import fxptqat as fq
 from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
 from fxptqat.testing import traceable_models
 
+from helpers import examples
+
 
 class PositionalEncoding(nn.Module):
     """timm EdgeNeXt style: forward reads a parameter's device and dtype."""
@@ -52,7 +54,7 @@ def test_the_int8_model_runs_and_keeps_parity():
     assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(traceable_models(max_layers=4))
 def test_property_graphs_without_reads_are_left_alone(pair):
     model, inputs = pair

@@ -7,7 +7,7 @@ from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, make_small_net, property_batches, run_twice
+from helpers import MODELS, examples, make_small_net, property_batches, run_twice
 
 
 def _quantizers(gm):
@@ -52,7 +52,7 @@ def test_frozen_scale_matches_observed_range():
 RECIPES = st.sampled_from(["all", "weighted"])
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), RECIPES)
 def test_property_observe_only_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
     model, inputs = pair
@@ -62,7 +62,7 @@ def test_property_observe_only_lints_and_second_run_is_a_noop(pair, wb, ab, ops)
     assert quantizers and all(q._observe and not q._fake_quant for q in quantizers)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), RECIPES)
 def test_property_freeze_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
     """Calibration's last step: observe only, run the batches, then freeze every quantizer."""

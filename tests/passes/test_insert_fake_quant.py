@@ -14,7 +14,7 @@ from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.passes.insert_fake_quant import insert_fake_quant
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, TwoCats, make_small_net, run_twice, same_state, state_of, weighted_nodes
+from helpers import MODELS, TwoCats, examples, make_small_net, run_twice, same_state, state_of, weighted_nodes
 
 EX = (torch.randn(2, 1, 6, 6),)
 
@@ -136,7 +136,7 @@ def test_every_cat_input_is_on_the_cats_output_grid():
     assert len([n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("activation")]) == 7
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]))
 def test_property_lints_and_second_run_is_a_noop(pair, wb, ab, ops):
     model, inputs = pair

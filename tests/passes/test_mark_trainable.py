@@ -8,7 +8,7 @@ from fxptqat import meta
 from fxptqat.passes.mark_trainable import mark_trainable
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, make_small_net, property_batches, run_twice
+from helpers import MODELS, examples, make_small_net, property_batches, run_twice
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_bad_option(qat):
         mark_trainable(qat, trainable=frozenset(), bn_stats="sometimes")
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=examples(5), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.sampled_from(["all", "weighted"]), st.data())
 def test_property_lints_and_second_run_is_a_noop(pair, wb, ab, ops, data):
     model, (x,) = pair

@@ -15,7 +15,7 @@ from fxptqat.passes.drop_noop_clamps import drop_noop_clamps
 from fxptqat.passes.pack_with_engine import engine_available, may_saturate, pack_with_engine, packed_with
 from fxptqat.testing import act_bits, weight_bits
 
-from helpers import MODELS, converted
+from helpers import MODELS, converted, examples
 
 pytestmark = pytest.mark.skipif(
     not (engine_available("onednn") and engine_available("qnnpack")), reason="torch built without onednn/qnnpack"
@@ -175,7 +175,7 @@ def _packed_int_weights(gm):
     ]
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(MODELS, weight_bits(), act_bits(), st.booleans(), st.sampled_from(("onednn", "qnnpack")), st.booleans())
 def test_property_same_graph_and_integer_weights_and_second_run_is_a_noop(pair, wb, ab, push, engine, pin_all):
     """Repacking for another engine: same graph, same integer weights, honest ``modified`` (weight-only

@@ -12,7 +12,7 @@ from fxptqat.lowering.reference import reference
 from fxptqat.passes.snap_weights import snap_weights
 from fxptqat.testing import weight_bits
 
-from helpers import MODELS, property_batches
+from helpers import MODELS, examples, property_batches
 
 
 class ConvBn(nn.Module):
@@ -76,7 +76,7 @@ def test_unknown_targets_and_other_shapes_are_left_alone():
     assert snap_weights(ref, weights={"nope": torch.zeros(1), "fc": torch.zeros(2, 2)}).modified is False
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(MODELS, weight_bits())
 def test_property_lowered_weights_are_the_fake_quant_weights(pair, wb):
     """On both lowerings (torch.ao's INT8 modules and the reference graph of onnxruntime/inductor),
