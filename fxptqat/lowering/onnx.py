@@ -29,6 +29,7 @@ __all__ = ["OnnxRuntimeModule", "export_onnx", "fold_weight_quantization", "wide
            "RUNTIME"]
 
 _FOLDABLE = ("QuantizeLinear", "Clip", "Cast")
+_WIDE = 64.0  # widened weights stay within +-64: exact in 16-bit pair sums of u8 x s8 products
 
 
 def _import():
@@ -79,17 +80,20 @@ def fold_weight_quantization(model) -> int:
 
 
 def widen_weight_grid(model) -> int:
-    """Store each int8 weight channel multiplied by the largest power of two k (at most 128) that
-    keeps it and its zero point in int8, its scale divided by k; returns how many weights changed.
+    """Store each int8 weight channel multiplied by the largest power of two k that keeps it and its
+    zero point within +-64, its scale divided by k; returns how many weights changed.
 
     The values are the same ((w*k - z*k) * (s/k) is (w - z) * s in float: k is a power of two), but
     onnxruntime fuses DQ -> Conv/Gemm -> Q into integer kernels by rounding the float bias to int32
     at scale ``input scale * weight scale``, where the fake-quant graph (and torch's fbgemm, oneDNN
     and inductor kernels) add the bias in float. At 2-bit weights that grid is as coarse as the
     output step (the bias moved by up to 0.8 of a step per layer; found by a random draw of the
-    lowering property). A b-bit weight stored in int8 leaves 8-b bits unused: spending them on the
-    grid makes the bias rounding 2^(8-b) times finer (at most 1/128 of an output step on the
-    models where it was a whole one). k also keeps the int32 bias below 2**30.
+    lowering property). A b-bit weight stored in int8 leaves bits unused: spending them on the grid
+    makes the bias rounding 2^(7-b) times finer. +-64 rather than the full int8 range: u8 x s8
+    kernels without AVX-512 VNNI add pairs of products in 16 bits, exact up to |w| = 64 (2 x 255 x
+    64 < 2^15), so a widened file is as safe on every CPU as the one it came from. Channels already
+    wider (8-bit weights, 7-bit ones using their range) are left as they are. k also keeps the int32
+    bias below 2**30.
     """
     onnx, _ = _import()
     import numpy as np
@@ -125,9 +129,9 @@ def widen_weight_grid(model) -> int:
         zc = np.broadcast_to(z.astype(np.int64).reshape(-1), (channels.shape[0],))
         hi = np.maximum(channels.max(1), zc)
         lo = np.minimum(channels.min(1), zc)
-        limit = np.full(channels.shape[0], 128.0)
-        limit = np.where(hi > 0, np.minimum(limit, 127.0 / np.maximum(hi, 1)), limit)
-        limit = np.where(lo < 0, np.minimum(limit, 128.0 / np.maximum(-lo, 1)), limit)
+        limit = np.full(channels.shape[0], 64.0)
+        limit = np.where(hi > 0, np.minimum(limit, _WIDE / np.maximum(hi, 1)), limit)
+        limit = np.where(lo < 0, np.minimum(limit, _WIDE / np.maximum(-lo, 1)), limit)
         sc = np.broadcast_to(s.astype(np.float64).reshape(-1), (channels.shape[0],))
         for user in consumers.get(node.output[0], []):  # the int32 bias onnxruntime will make
             if user.op_type not in ("Conv", "Gemm") or len(user.input) < 3 or user.input[2] not in values:
@@ -141,6 +145,7 @@ def widen_weight_grid(model) -> int:
             with np.errstate(divide="ignore", invalid="ignore"):
                 room = np.where(bias > 0, 2.0**30 * grid / bias, np.inf)
             limit = np.minimum(limit, np.where(grid > 0, room, 1.0))
+        limit[(hi == 0) & (lo == 0)] = 1.0  # an all-zero channel: nothing to gain, and stays idempotent
         k = np.exp2(np.floor(np.log2(np.maximum(limit, 1.0))))
         if s.ndim == 0:
             k = np.full_like(k, k.min())
@@ -282,8 +287,7 @@ def export_onnx(
         raise LoweringError(f"ONNX export of the reference graph failed: {type(e).__name__}: {e}") from e
     model = program.model_proto
     fold_weight_quantization(model)
-    if uint8_weights or exact_u8s8_kernels():  # full-range int8 weights saturate u8 x s8 kernels without VNNI
-        widen_weight_grid(model)
+    widen_weight_grid(model)
     if uint8_weights:
         weights_to_uint8(model)
     for node in model.graph.node:  # the exporter's per-node stack traces: a fifth of the file
