@@ -68,7 +68,8 @@ MODELS = {
 
 
 def build_model(name: str, image_size: int, seed: int) -> nn.Module:
-    kind, arch = MODELS[name]
+    # any timm architecture as "timm/NAME" (the zoo's spelling), any torchvision one by its name
+    kind, arch = MODELS.get(name) or (("timm", name[5:]) if name.startswith("timm/") else ("tv", name))
     torch.manual_seed(seed)
     if kind == "tv":
         model = getattr(import_torchvision().models, arch)(weights=None)
@@ -76,7 +77,7 @@ def build_model(name: str, image_size: int, seed: int) -> nn.Module:
         import_torchvision()  # timm imports torchvision when present
         import timm
 
-        kwargs = {"img_size": image_size} if ("deit" in arch or "vit_" in arch or "mixer" in arch) else {}
+        kwargs = {"img_size": image_size} if any(k in arch for k in ("deit", "vit_", "mixer", "levit")) else {}
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if hasattr(model, "blocks"):
             for block in model.blocks:  # explicit q/k/v matmuls instead of SDPA: FX can quantize them
