@@ -26,6 +26,12 @@ def import_onnx():
     return onnx, onnxruntime
 
 
+def _drop_unused_initializers(graph) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
 def fold_weight_quantization(model) -> int:
     """Replace constant QuantizeLinear/Clip/Cast chains by their integer results; returns the count.
 
@@ -55,9 +61,7 @@ def fold_weight_quantization(model) -> int:
             graph.initializer.append(values[name])
         graph.node.remove(node)
         folded += 1
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return folded
 
 
@@ -145,9 +149,7 @@ def widen_weight_grid(model) -> int:
             graph.initializer.append(numpy_helper.from_array(np.asarray(array), name))
             node.input[slot] = name
         widened += 1
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return widened
 
 
@@ -178,7 +180,5 @@ def weights_to_uint8(model) -> int:
             graph.initializer.append(numpy_helper.from_array(array.astype(np.uint8), name))
             node.input[slot] = name
         converted += 1
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return converted
