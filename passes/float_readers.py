@@ -13,11 +13,17 @@ torchvision ConvNeXt-T's logits had 1.36x PT2E's 1 - cosine; with it, the same a
 This pass rewires each reader of an activation quantizer that torch.ao left float (no qconfig) to
 read the quantizer's input instead, unless a quantized op downstream of that reader would then see
 an unquantized value (a ``flatten`` between the quantizer and a linear keeps reading the quantized
-value: it is how the linear's input is quantized), and unless the value is an activation applied
-to a conv/linear output that a float ``add`` reads: torch 2.13's inductor cannot compile
-``dq -> conv|linear -> activation -> add`` with a float activation output (see
-``drop_output_quantizers``; a squeeze-excite ``fc2 -> hardsigmoid -> mul`` is fine). A quantizer left with no reader is removed and
-the producing node's ``NodeInfo.output_quantizer`` cleared.
+value: it is how the linear's input is quantized), unless the reader's own output shares the
+quantizer's grid (torch.ao calls one observer module on a ``cat``'s inputs and output, and on a
+pooling's input and output: those ops run on the grid), and unless the reader is a float ``add``
+of an activation applied to a conv/linear output (a fused ReLU included): torch 2.13's inductor
+cannot compile ``dq -> conv|linear -> activation -> add`` with a float activation output (see
+``drop_output_quantizers``). Other float readers of such an activation are rewired: RegNetY's
+squeeze-excite ``gate * x`` reads the conv-bn-relu's float output while its pooling reads the
+quantized one, as X86InductorQuantizer has it (zoo, torchvision RegNetY-400MF, W8A8 fake-quant
+cosine to FP32 0.924 -> 0.929, PT2E 0.928), and ``fc2 -> hardsigmoid -> mul`` (MobileNetV3) reads
+fc2's float output. A quantizer left with no reader is removed (its module too unless it is still
+called) and the producing node's ``NodeInfo.output_quantizer`` cleared.
 
 The fake-quant network then computes what the lowered one does: ``convert_fx`` turns the quantizer
 into a quantize/dequantize pair read by the quantized ops only. Runs on a prepared graph before
@@ -66,8 +72,12 @@ def _activation_of_weighted(node: fx.Node, gm: fx.GraphModule) -> bool:
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 
 
+def _is_add(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in _ADDS
+
+
 def _read_by_add(node: fx.Node) -> bool:
-    return any(u.op in ("call_function", "call_method") and u.target in _ADDS for u in node.users)
+    return any(_is_add(u) for u in node.users)
 
 
 def float_readers(gm: fx.GraphModule, /) -> PassResult:
@@ -78,23 +88,30 @@ def float_readers(gm: fx.GraphModule, /) -> PassResult:
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     rewired, removed = 0, []
     for quantizer in list(gm.graph.nodes):
-        if not _is_quantizer(quantizer, gm) or calls[quantizer.target] != 1:
-            continue  # a module called twice shares its grid between values (cat inputs): left alone
+        if not _is_quantizer(quantizer, gm):
+            continue
         source = quantizer.args[0]
-        if not isinstance(source, fx.Node) or _activation_of_weighted(source, gm):
-            continue  # inductor cannot fuse dq -> conv|linear -> activation -> float op (drop_output_quantizers)
+        if not isinstance(source, fx.Node):
+            continue
+        activation = _activation_of_weighted(source, gm)
         for user in list(quantizer.users):
             if _is_quantizer(user, gm) or (user.op != "output" and qconfigs.get(user.name) is not None):
                 continue  # requantized onto another grid, or a quantized op: reads the quantized value
             if user.op != "output" and _feeds_quantized_op(user, gm, qconfigs):
                 continue
+            if any(_is_quantizer(v, gm) and v.target == quantizer.target for v in user.users):
+                continue  # a cat or pooling whose output shares this grid (torch.ao's shared observer)
+            if activation and _is_add(user):
+                continue  # inductor cannot fuse dq -> conv|linear -> activation -> float add
             if meta.node_info(source) is not None and _is_activation(user, gm) and _read_by_add(user):
-                continue  # dq -> conv|linear -> activation -> float add: inductor cannot fuse it either
+                continue  # dq -> conv|linear -> activation -> float add: the same, activation unfused
             user.replace_input_with(quantizer, source)
             rewired += 1
         if not quantizer.users:
             gm.graph.erase_node(quantizer)
-            gm.delete_submodule(quantizer.target)
+            calls[quantizer.target] -= 1
+            if not calls[quantizer.target]:  # a shared module (cat inputs, pooling) stays while called
+                gm.delete_submodule(quantizer.target)
             removed.append(quantizer.name)
     if removed:
         for node, info in list(meta.quantized_nodes(gm)):

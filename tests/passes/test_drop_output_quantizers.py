@@ -162,8 +162,9 @@ def test_inductor_fuses_gelu_and_add_into_the_int8_linears():
 
 
 class CatThenAdd(nn.Module):
-    """Two quantized outputs (fc0's is fc1's input; fc1's has a fused ReLU) are concatenated, and a
-    float add reads the cat: torch.ao's convert_fx hands the add a quantized tensor here."""
+    """Two outputs (fc0's is fc1's input; fc1's has a fused ReLU) are concatenated, and a float add
+    reads the cat: torch.ao's convert_fx hands the add a quantized tensor when the cat reads
+    quantized values."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,10 +183,19 @@ def test_reference_graph_lowerings_handle_a_float_read_quantized_cat():
     data = _data((6, 4))
     qat = fq.prepare(CatThenAdd(), data[0], config=WEIGHTED)
     fq.calibrate(qat, data)
-    assert _out_q(qat)["fc0"] is not None and _out_q(qat)["fc1"] is not None  # fc1 reads fc0; fused ReLU
-    lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=data[0])
-    parity = fq.check_parity(qat, lowered, data)
-    assert parity.ok and parity.coverage == 1.0, parity.table()
+    # fc1 reads fc0's quantizer; the cat (float) reads both float values, fc1's fused-ReLU output
+    # included (float_readers), as X86InductorQuantizer leaves them
+    assert _out_q(qat)["fc0"] is not None and _out_q(qat)["fc1"] is None
+    cat = next(n for n in qat.graph.nodes if n.target is torch.cat)
+    assert [a.name for a in cat.all_input_nodes] == ["fc0", "fc1"]
+    for runtime in ("onnxruntime", "inductor"):
+        work = qat
+        if runtime == "inductor":  # 7-bit activations: inductor's u8 x s8 kernels on any CPU
+            work = fq.prepare(CatThenAdd(), data[0], config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
+            fq.calibrate(work, data)
+            torch._dynamo.reset()
+        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
+        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
 
 
 @settings(max_examples=examples(5), deadline=None)

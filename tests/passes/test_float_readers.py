@@ -178,3 +178,49 @@ def test_an_activation_read_by_a_float_mul_reads_the_float_output_and_inductor_k
     torch._dynamo.reset()
     parity = fq.check_parity(qat, fq.lower(qat, runtime="inductor", example_inputs=data[0]), data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+class ConvSqueezeExcite(nn.Module):
+    """torchvision RegNetY's block: conv-bn-relu -> squeeze-excite (pool -> fc1 -> ReLU -> fc2 ->
+    sigmoid) -> ``gate * x`` -> conv. torch.ao quantizes the pooling on its input's grid (one
+    observer module, called twice) and fuses the ReLU into the conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.gate = nn.Sigmoid()
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.relu(self.bn(self.conv(x)))
+        return self.out(y * self.gate(self.fc2(self.act(self.fc1(self.pool(y))))))
+
+
+def test_squeeze_excite_mul_reads_the_float_conv_output_the_pooling_its_quantized_copy():
+    """The mul reads the fused conv-bn-relu's float output (as X86InductorQuantizer leaves it); the
+    pooling, whose output shares the quantizer's grid, keeps reading the quantized value; both
+    reference-graph runtimes keep parity, and the fake-quant network is closer to the float one."""
+    torch.manual_seed(0)
+    data = _data((4, 3, 6, 6), n=3)
+    qat = fq.prepare(ConvSqueezeExcite().eval(), data[0], config=WEIGHTED)
+    fq.calibrate(qat, data)
+    mul = next(n for n in qat.graph.nodes if n.op == "call_function" and "mul" in n.name)
+    assert "conv" in [a.name for a in mul.all_input_nodes]
+    pool_input = node_named(qat, "pool").args[0]
+    assert pool_input.op == "call_module" and "activation_post_process" in pool_input.target
+    assert pool_input.args[0].name == "conv"
+    for runtime in ("onnxruntime", "inductor"):
+        work = qat
+        if runtime == "inductor":  # 7-bit activations: inductor's u8 x s8 kernels on any CPU
+            work = fq.prepare(ConvSqueezeExcite().eval(), data[0],
+                              config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
+            fq.calibrate(work, data)
+            torch._dynamo.reset()
+        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
+        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
