@@ -13,7 +13,8 @@ torchvision ConvNeXt-T's logits had 1.36x PT2E's 1 - cosine; with it, the same a
 This pass rewires each reader of an activation quantizer that torch.ao left float (no qconfig) to
 read the quantizer's input instead, unless a quantized op downstream of that reader would then see
 an unquantized value (a ``flatten`` between the quantizer and a linear keeps reading the quantized
-value: it is how the linear's input is quantized), unless the reader's own output shares the
+value: it is how the linear's input is quantized; a ReLU that torch.ao gave a qconfig only to fuse
+it, whose every reader is a quantizer, is not such an op: ResNet's ``add -> relu -> q``), unless the reader's own output shares the
 quantizer's grid (torch.ao calls one observer module on a ``cat``'s inputs and output, and on a
 pooling's input and output: those ops run on the grid), and unless the reader is a float ``add``
 of an activation applied to a conv/linear output (a fused ReLU included): torch 2.13's inductor
@@ -37,6 +38,8 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxptqat import meta
@@ -44,6 +47,14 @@ from fxptqat.passes.drop_output_quantizers import _FUSED_RELU, _is_activation, _
 
 __all__ = ["float_readers"]
 REQUIRES = "qat"  # the graph it acts on (see passes/__init__.py)
+
+
+def _requantized_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A ReLU (torch.ao gives it a qconfig only to fuse it into a conv) whose every reader is a
+    quantizer: whatever it reads, what follows it is quantized again (ResNet's ``add -> relu``)."""
+    relu = (node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.ReLU) or (
+        node.op in ("call_function", "call_method") and node.target in (F.relu, torch.relu, "relu"))
+    return relu and bool(node.users) and all(_is_quantizer(u, gm) for u in node.users)
 
 
 def _feeds_quantized_op(node: fx.Node, gm: fx.GraphModule, qconfigs: dict) -> bool:
@@ -54,7 +65,7 @@ def _feeds_quantized_op(node: fx.Node, gm: fx.GraphModule, qconfigs: dict) -> bo
         if user in seen or _is_quantizer(user, gm):
             continue
         seen.add(user)
-        if qconfigs.get(user.name) is not None:
+        if qconfigs.get(user.name) is not None and not _requantized_relu(user, gm):
             return True
         stack.extend(user.users)
     return False

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxptqat.passes.drop_identities import drop_identities
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.float_readers import float_readers
@@ -44,6 +45,7 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     gm = trace(work, config, n_args=len(example_inputs) - sum(n in kwargs for n in names), kwargs=kwargs)
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
+    drop_identities(gm)
     fold_parameter_metadata(gm)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)

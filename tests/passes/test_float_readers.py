@@ -224,3 +224,44 @@ def test_squeeze_excite_mul_reads_the_float_conv_output_the_pooling_its_quantize
             torch._dynamo.reset()
         parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
         assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
+
+
+class TimmSqueezeExciteResidual(nn.Module):
+    """timm's SE-ResNet block end: conv-bn -> squeeze-excite (``mean`` -> fc1 -> ReLU -> fc2 ->
+    sigmoid) -> ``x * gate`` -> ``+ shortcut`` -> ReLU -> conv. The ReLU after the add has a
+    qconfig (torch.ao fuses ReLUs under the weighted recipe) but reads a float add and is
+    requantized by its own quantizer: it does not make the mul read a quantized value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc1, self.act, self.fc2 = nn.Conv2d(4, 2, 1), nn.ReLU(), nn.Conv2d(2, 4, 1)
+        self.relu, self.out = nn.ReLU(), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        gate = torch.sigmoid(self.fc2(self.act(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.out(self.relu(y * gate + x))
+
+
+def test_squeeze_excite_before_a_residual_relu_reads_float_values():
+    torch.manual_seed(0)
+    data = _data((4, 4, 6, 6), n=3)
+    qat = fq.prepare(TimmSqueezeExciteResidual().eval(), data[0], config=WEIGHTED)
+    fq.calibrate(qat, data)
+    mul = next(n for n in qat.graph.nodes if n.op == "call_function" and "mul" in n.name)
+    add = next(n for n in qat.graph.nodes if n.op == "call_function" and "add" in n.name)
+    sigmoid = next(n for n in qat.graph.nodes if n.op == "call_function" and "sigmoid" in n.name)
+    assert "conv" in [a.name for a in mul.all_input_nodes]
+    assert _reads(qat, "sigmoid") == ["fc2"] and sigmoid.args[0].name == "fc2"
+    assert "x" in [a.name for a in add.all_input_nodes]
+    assert {n.name: i.output_quantizer for n, i in meta.quantized_nodes(qat)}["fc2"] is None
+    for runtime in ("onnxruntime", "inductor"):
+        work = qat
+        if runtime == "inductor":  # 7-bit activations: inductor's u8 x s8 kernels on any CPU
+            work = fq.prepare(TimmSqueezeExciteResidual().eval(), data[0],
+                              config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
+            fq.calibrate(work, data)
+            torch._dynamo.reset()
+        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
+        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
