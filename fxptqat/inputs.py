@@ -56,4 +56,19 @@ def iter_batches(batches: Iterable, gm: fx.GraphModule, *, what: str) -> Iterato
                 f"{what}: batch {i} has {len(args)} item(s) but the model takes {n_inputs} input(s) "
                 f"({', '.join(p.name for p in placeholders(gm))})."
             )
+        _check_ranks(args[:n_inputs], gm, names, what=f"{what}: batch {i}")
         yield args[:n_inputs]
+
+
+def _check_ranks(args: tuple, gm: fx.GraphModule, names: list[str], *, what: str) -> None:
+    """Each tensor input has the rank of the example input the graph was captured with (capture
+    drops the model's own rank asserts: passes/drop_rank_asserts.py)."""
+    from .meta import graph_info
+
+    info = graph_info(gm)
+    captured = getattr(info, "inputs", None) or ()
+    for name, arg, spec in zip(names, args, captured, strict=False):
+        if isinstance(arg, torch.Tensor) and spec and len(spec[0]) and arg.dim() != len(spec[0]) + 1:
+            raise InputError(f"{what}: input {name!r} has {arg.dim()} dimension(s), but the graph was captured "
+                             f"with {len(spec[0]) + 1} (example shape (N, {', '.join(map(str, spec[0]))})); "
+                             "give batches of the same rank.")

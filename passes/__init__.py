@@ -4,8 +4,8 @@ Each pass is ``def name(gm, /, *, options) -> PassResult``: in place, ``modified
 and declares in ``REQUIRES`` the graph it acts on:
 
 ``"float"`` -- the traced float graph, inside capture (``fxptqat/capture/fx.py``):
-    drop_identities, fold_parameter_metadata, split_shared_modules, insert_fake_quant (float -> QAT: the one place
-    that calls torch.ao's ``prepare_qat_fx``).
+    drop_identities, drop_rank_asserts, batch_norm_modules, fold_parameter_metadata, split_shared_modules,
+    insert_fake_quant (float -> QAT: the one place that calls torch.ao's ``prepare_qat_fx``).
 ``"qat"`` -- the annotated fake-quant graph (``NodeInfo`` on every weighted node):
     float_readers, drop_output_quantizers, fit_observers_to_clamps (all still inside capture), freeze_quantizers
     (calibration), mark_trainable (selection).

@@ -11,8 +11,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxptqat.passes.batch_norm_modules import batch_norm_modules
 from fxptqat.passes.drop_identities import drop_identities
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
+from fxptqat.passes.drop_rank_asserts import drop_rank_asserts
 from fxptqat.passes.fit_observers_to_clamps import fit_observers_to_clamps
 from fxptqat.passes.float_readers import float_readers
 from fxptqat.passes.fold_parameter_metadata import fold_parameter_metadata
@@ -46,6 +48,8 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     with torch.no_grad():
         CheckedInterpreter(gm.eval(), check_finite=False, what="prepare() on example_inputs").run(*example_inputs)
     drop_identities(gm)
+    drop_rank_asserts(gm)
+    batch_norm_modules(gm)
     fold_parameter_metadata(gm)
     split_shared_modules(gm)
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
