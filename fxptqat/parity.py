@@ -207,6 +207,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
     and zero point as the fake-quant output quantizer) puts on the grid; that pair is applied here."""
     int8_nodes = {n.name: n for n in int8.graph.nodes}
     points = {}  # weighted node -> (its input node, node compared, output step)
+    targets = {n.name: n.target for n in qat.graph.nodes if n.op == "call_module"}
     fan_in = {}  # weighted node -> products summed per output element
     shift = {}  # weighted node -> BatchNorm shift its QAT form computes and removes (capture.bn_shift)
     not_compared = []
@@ -244,7 +245,7 @@ def compare(qat: fx.GraphModule, int8: fx.GraphModule, batches, *, tolerance_lsb
             ref = cap.values[point]
             isolated, propagated = runner.isolated[name], runner.propagated[name]
             if run is not None and point != name:
-                grid = qat.get_submodule(point)
+                grid = qat.get_submodule(targets[point])  # a node may call a shared module
                 isolated, propagated = grid(isolated), grid(propagated)
             a = acc[name]
             a[0] = max(a[0], float((isolated - ref).abs().max()))

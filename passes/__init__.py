@@ -7,7 +7,7 @@ and declares in ``REQUIRES`` the graph it acts on:
     drop_identities, drop_rank_asserts, batch_norm_modules, fold_parameter_metadata, split_shared_modules,
     insert_fake_quant (float -> QAT: the one place that calls torch.ao's ``prepare_qat_fx``).
 ``"qat"`` -- the annotated fake-quant graph (``NodeInfo`` on every weighted node):
-    float_readers, drop_output_quantizers, fit_observers_to_clamps (all still inside capture), freeze_quantizers
+    float_readers, collapse_requantize, drop_output_quantizers, fit_observers_to_clamps (all still inside capture), freeze_quantizers
     (calibration), mark_trainable (selection).
 ``"int8"`` -- a lowered graph (``fxptqat/lowering``): the torch.ao INT8 module or its reference graph:
     snap_weights, clamp_int_weights, float_scalar_ops, drop_noop_clamps, replace_quantized_prelu, pack_with_engine.

@@ -12,6 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxptqat.passes.batch_norm_modules import batch_norm_modules
+from fxptqat.passes.collapse_requantize import collapse_requantize
 from fxptqat.passes.drop_identities import drop_identities
 from fxptqat.passes.drop_output_quantizers import drop_output_quantizers
 from fxptqat.passes.drop_rank_asserts import drop_rank_asserts
@@ -55,6 +56,7 @@ def capture_fx(model: nn.Module, example_inputs: tuple, kwargs: Mapping, config:
     insert_fake_quant(gm, config=config, example_inputs=example_inputs)
     if config.weighted_only:
         float_readers(gm)  # ... and float ops read the float value, quantized ops their Q/DQ copy
+        collapse_requantize(gm)  # a value rounded only to be requantized is rounded once
         drop_output_quantizers(gm)  # X86InductorQuantizer's rule: outputs only float ops read stay float
     fit_observers_to_clamps(gm)
     meta.update_graph_info(gm, inputs=tuple((tuple(x.shape[1:]), str(x.dtype)) for x in example_inputs))
