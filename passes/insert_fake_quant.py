@@ -70,6 +70,8 @@ def insert_fake_quant(
     _drop_non_float_quantizers(gm, non_float)
     _share_output_quantizers(gm, config)
     _requantize_cat_inputs(gm)
+    if not config.weighted_only:
+        _read_quantized_inputs(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
 
@@ -198,6 +200,42 @@ def _share_output_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
                 changed = True
     if changed:
         gm.delete_all_unused_submodules()
+        gm.recompile()
+
+
+def _read_quantized_inputs(gm: fx.GraphModule) -> None:
+    """A quantized op reads the quantized copy of a value that has one.
+
+    prepare_qat_fx sometimes leaves an op reading the float value of an input it also quantizes
+    for other readers: a LayerNorm directly after a LayerNorm (timm's Swin once its Identity
+    placeholder leaves the graph: ``patch_embed.norm -> blocks.0.norm1``) got no input observer of
+    its own while the first one's output was observed for the residual add. convert_fx then lowers
+    the first to a quantized LayerNorm and hands its quint8 output to a float LayerNorm
+    (``aten::native_batch_norm`` on QuantizedCPU). An op with a qconfig reading a value that has a
+    quantizer now reads the quantizer, as torch.ao does everywhere else (convert_fx then gives it
+    the INT8 value or dequantizes it, whichever the op takes).
+    """
+    qconfigs = getattr(gm.meta.get("_observed_graph_module_attrs"), "node_name_to_qconfig", None) or {}
+    modules = dict(gm.named_modules(remove_duplicate=False))
+
+    def quantizer_of(node):
+        return next((u for u in node.users if u.op == "call_module"
+                     and isinstance(modules.get(u.target), FakeQuantizeBase)), None)
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method") or qconfigs.get(node.name) is None:
+            continue
+        if isinstance(modules.get(node.target), FakeQuantizeBase):
+            continue
+        arg = node.args[0] if node.args else None
+        if not isinstance(arg, fx.Node) or arg.op == "get_attr":
+            continue
+        q = quantizer_of(arg)
+        if q is not None and q is not node:
+            node.replace_input_with(arg, q)
+            changed = True
+    if changed:
         gm.recompile()
 
 

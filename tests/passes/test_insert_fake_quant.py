@@ -174,3 +174,30 @@ def test_dropout_keeps_its_inputs_grid_as_the_int8_dropout_does():
     parity = fq.check_parity(qat, fq.lower(qat), batches)
     assert parity.ok and parity.coverage == 1.0, parity.table()
     assert "head_drop" in {r.name for r in parity.ops}  # the op itself was checked
+
+
+class NormAfterNorm(nn.Module):
+    """A LayerNorm reading a LayerNorm whose output a residual add also reads (timm's Swin: the
+    patch embedding's norm, then the first block's norm1, once the stage's Identity is gone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.n0, self.n1, self.fc2 = nn.Linear(4, 4), nn.LayerNorm(4), nn.LayerNorm(4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.n0(self.fc(x))
+        return y + self.fc2(self.n1(y))
+
+
+def test_a_quantized_op_reads_the_quantized_copy_and_lowers():
+    """prepare_qat_fx left n1 reading n0's float output while n0's output was quantized for the
+    add: convert_fx handed n1 (float) n0's quint8 output and the INT8 model crashed."""
+    torch.manual_seed(0)
+    data = [(torch.randn(3, 4),), (torch.randn(5, 4),)]
+    qat = fq.prepare(NormAfterNorm().eval(), data[0])
+    n1 = next(n for n in qat.graph.nodes if n.name == "n1")
+    assert n1.args[0].op == "call_module" and isinstance(qat.get_submodule(n1.args[0].target), FakeQuantize)
+    assert n1.args[0].args[0].name == "n0"
+    fq.calibrate(qat, data)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
