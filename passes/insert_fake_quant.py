@@ -69,9 +69,9 @@ def insert_fake_quant(
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)
     _share_output_quantizers(gm, config)
-    _requantize_cat_inputs(gm)
     if not config.weighted_only:
         _read_quantized_inputs(gm)
+    _requantize_cat_inputs(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
 
@@ -218,21 +218,28 @@ def _read_quantized_inputs(gm: fx.GraphModule) -> None:
     qconfigs = getattr(gm.meta.get("_observed_graph_module_attrs"), "node_name_to_qconfig", None) or {}
     modules = dict(gm.named_modules(remove_duplicate=False))
 
-    def quantizer_of(node):
-        return next((u for u in node.users if u.op == "call_module"
-                     and isinstance(modules.get(u.target), FakeQuantizeBase)), None)
+    def is_quantizer(node) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(
+            modules.get(node.target), FakeQuantizeBase)
+
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def quantizer_of(value, reader):
+        """A quantizer of ``value`` itself that runs before ``reader``."""
+        return next((u for u in value.users if is_quantizer(u) and u.args[0] is value
+                     and order[u] < order[reader]), None)
 
     changed = False
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function", "call_method") or qconfigs.get(node.name) is None:
             continue
-        if isinstance(modules.get(node.target), FakeQuantizeBase):
+        if is_quantizer(node):
             continue
         arg = node.args[0] if node.args else None
-        if not isinstance(arg, fx.Node) or arg.op == "get_attr":
-            continue
-        q = quantizer_of(arg)
-        if q is not None and q is not node:
+        if not isinstance(arg, fx.Node) or arg.op == "get_attr" or is_quantizer(arg):
+            continue  # a parameter, or already a quantized value
+        q = quantizer_of(arg, node)
+        if q is not None:
             node.replace_input_with(arg, q)
             changed = True
     if changed:
