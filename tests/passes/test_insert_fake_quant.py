@@ -201,3 +201,27 @@ def test_a_quantized_op_reads_the_quantized_copy_and_lowers():
     fq.calibrate(qat, data)
     parity = fq.check_parity(qat, fq.lower(qat), data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+class CatOfInput(nn.Module):
+    """The lowering property's seed-7 draw: the input feeds a conv and, requantized onto the cat's
+    grid, a cat; the conv must keep reading the input's own quantizer, not the later requantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(1, 1, 1, bias=False), nn.Conv2d(2, 1, 1, bias=False)
+
+    def forward(self, x):
+        return torch.cat([self.conv1(torch.cat([x, self.conv0(x)], 1)), x], 1)
+
+
+def test_an_op_keeps_reading_its_input_quantizer_next_to_a_cat_requantize():
+    torch.manual_seed(0)
+    data = [(torch.randn(2, 1, 4, 4),), (torch.randn(3, 1, 4, 4),)]
+    qat = fq.prepare(CatOfInput().eval(), data[0], config=fq.QuantConfig(weight_bits=2))
+    qat.graph.lint()
+    conv0 = next(n for n in qat.graph.nodes if n.name == "conv0")
+    assert conv0.args[0].args[0].name == "x"
+    fq.calibrate(qat, data)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
