@@ -180,6 +180,17 @@ def test_an_activation_read_by_a_float_mul_reads_the_float_output_and_inductor_k
     assert parity.ok and parity.coverage == 1.0, parity.table()
 
 
+def _parity_on_reference_runtimes(qat, model_class, data):
+    """check_parity on onnxruntime (``qat`` itself) and inductor (the same model prepared with
+    7-bit activations: inductor's u8 x s8 kernels are exact on any CPU then)."""
+    inductor = fq.prepare(model_class().eval(), data[0], config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
+    fq.calibrate(inductor, data)
+    torch._dynamo.reset()
+    for runtime, work in (("onnxruntime", qat), ("inductor", inductor)):
+        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
+        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
+
+
 class ConvSqueezeExcite(nn.Module):
     """torchvision RegNetY's block: conv-bn-relu -> squeeze-excite (pool -> fc1 -> ReLU -> fc2 ->
     sigmoid) -> ``gate * x`` -> conv. torch.ao quantizes the pooling on its input's grid (one
@@ -215,15 +226,7 @@ def test_squeeze_excite_mul_reads_the_float_conv_output_the_pooling_its_quantize
     pool_input = node_named(qat, "pool").args[0]
     assert pool_input.op == "call_module" and "activation_post_process" in pool_input.target
     assert pool_input.args[0].name == "conv"
-    for runtime in ("onnxruntime", "inductor"):
-        work = qat
-        if runtime == "inductor":  # 7-bit activations: inductor's u8 x s8 kernels on any CPU
-            work = fq.prepare(ConvSqueezeExcite().eval(), data[0],
-                              config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
-            fq.calibrate(work, data)
-            torch._dynamo.reset()
-        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
-        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
+    _parity_on_reference_runtimes(qat, ConvSqueezeExcite, data)
 
 
 class TimmSqueezeExciteResidual(nn.Module):
@@ -256,12 +259,4 @@ def test_squeeze_excite_before_a_residual_relu_reads_float_values():
     assert _reads(qat, "sigmoid") == ["fc2"] and sigmoid.args[0].name == "fc2"
     assert "x" in [a.name for a in add.all_input_nodes]
     assert {n.name: i.output_quantizer for n, i in meta.quantized_nodes(qat)}["fc2"] is None
-    for runtime in ("onnxruntime", "inductor"):
-        work = qat
-        if runtime == "inductor":  # 7-bit activations: inductor's u8 x s8 kernels on any CPU
-            work = fq.prepare(TimmSqueezeExciteResidual().eval(), data[0],
-                              config=fq.QuantConfig(quantized_ops="weighted", reduce_range=True))
-            fq.calibrate(work, data)
-            torch._dynamo.reset()
-        parity = fq.check_parity(work, fq.lower(work, runtime=runtime, example_inputs=data[0]), data)
-        assert parity.ok and parity.coverage == 1.0, (runtime, parity.table())
+    _parity_on_reference_runtimes(qat, TimmSqueezeExciteResidual, data)
