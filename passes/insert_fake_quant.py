@@ -9,6 +9,7 @@ PREPARED. A graph that already carries fxptqat's GraphInfo is left alone (``modi
 from __future__ import annotations
 
 import logging
+import operator
 import uuid
 import warnings
 
@@ -19,12 +20,13 @@ from torch.ao.quantization.backend_config import ObservationType
 from torch.ao.quantization.fake_quantize import FixedQParamsFakeQuantize
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.observer import FixedQParamsObserver
+from torch.ao.quantization.qconfig_mapping import _FIXED_QPARAMS_OP_TO_OBSERVER
 from torch.ao.quantization.quantize_fx import prepare_qat_fx
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxptqat import meta
-from fxptqat.capture.qconfig import backend_config, qconfig_mapping
+from fxptqat.capture.qconfig import activation_fake_quant, backend_config, qconfig_mapping
 from fxptqat.config import QuantConfig
 from fxptqat.errors import TraceError
 from fxptqat.fake_quantize import FakeQuantize
@@ -64,7 +66,8 @@ def insert_fake_quant(
     finally:
         release_device_cache()  # else torch.ao's cache keeps every model ever prepared alive
     _transplant(prepared, into=gm)
-    _own_fixed_qparams_quantizers(gm)
+    _own_fixed_qparams_quantizers(gm, config)
+    _own_scalar_op_quantizers(gm, config)
     _fold_zero_gamma_exactly(gm)
     gm.train(was_training)
     _drop_non_float_quantizers(gm, non_float)
@@ -92,14 +95,59 @@ def _transplant(prepared: fx.GraphModule, *, into: fx.GraphModule) -> None:
     into.recompile()
 
 
-def _own_fixed_qparams_quantizers(gm: fx.GraphModule) -> None:
+def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
     """torch.ao quantizes sigmoid, hardsigmoid, tanh and softmax outputs on fixed grids with its own
     ``FixedQParamsFakeQuantize``, whose ``forward`` Dynamo refuses to trace (torch.ao is on its skip
     list: one graph break per quantizer under ``torch.compile``, 9 in MobileNetV3-Small). Each is
     replaced by fxptqat's FakeQuantize holding the same grid in a ``FixedQParamsObserver``:
-    the same values, and ``convert_fx`` still reads the fixed scale and zero point from it."""
-    for name, module in list(gm.named_modules()):
+    the same values, and ``convert_fx`` still reads the fixed scale and zero point from it. A
+    quantizer torch.ao shares under several names (``16 * sigmoid(x)``: the product's output) is
+    one replacement under every name (``named_modules()`` lists a shared module once: the second
+    name kept torch.ao's, and a graph break with it, in torchvision's Swin V2).
+
+    torch.ao also puts the fixed grid on the *input* of such an op when nothing else quantized
+    that input (a graph input, a float op's output): ``sigmoid(x)`` then computed
+    ``sigmoid(clamp(x, 0, 1))``, in fake-quant and INT8 alike (torchvision's Swin V2: every
+    relative position bias squeezed into [0.5, 0.73]). Such an input quantizer observes its value
+    like any other activation quantizer.
+    """
+    modules = dict(gm.named_modules(remove_duplicate=False))
+    fixed_ops = set(_FIXED_QPARAMS_OP_TO_OBSERVER)
+
+    def fixed(node) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_module" and type(
+            modules.get(node.target)) is FixedQParamsFakeQuantize
+
+    def computes_fixed_op(node) -> bool:
+        kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
+        return node.op in ("call_module", "call_function", "call_method") and kind in fixed_ops
+
+    on_its_grid: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:  # topological: a shared quantizer's source comes first
+        if not fixed(node):
+            continue
+        value = node.args[0]
+        if not isinstance(value, fx.Node):
+            on_its_grid[node] = False
+            continue
+        source = next((a for a in value.all_input_nodes if fixed(a)), None)
+        on_its_grid[node] = computes_fixed_op(value) or (
+            source is not None and on_its_grid.get(source, False)
+            and modules[source.target] is modules[node.target])  # an op sharing the op's grid
+    make = activation_fake_quant(config)
+    for node, ok in on_its_grid.items():
+        if not ok:
+            name = _free_name(gm, f"{node.target}_observed")
+            own = make()
+            own.train(gm.training)
+            gm.add_submodule(name, own)
+            node.target = name
+    replaced: dict[int, FakeQuantize] = {}
+    for name, module in list(gm.named_modules(remove_duplicate=False)):
         if type(module) is not FixedQParamsFakeQuantize:
+            continue
+        if id(module) in replaced:
+            gm.set_submodule(name, replaced[id(module)])
             continue
         own = FakeQuantize(
             observer=FixedQParamsObserver.with_args(
@@ -112,6 +160,75 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule) -> None:
         own.enable_fake_quant(bool(module.fake_quant_enabled[0]))
         own.train(module.training)
         gm.set_submodule(name, own)
+        replaced[id(module)] = own
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+
+
+_SCALAR_OPS = (operator.add, operator.mul, torch.add, torch.mul, "add", "mul")
+
+
+def _scalar_operand(node: fx.Node) -> fx.Node | None:
+    """The tensor operand of ``x + c`` / ``c * x`` (``c`` a Python number), else None."""
+    if node.op not in ("call_function", "call_method") or node.target not in _SCALAR_OPS or node.kwargs:
+        return None
+    if len(node.args) != 2:
+        return None
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    return tensors[0] if len(tensors) == 1 and len(numbers) == 1 else None
+
+
+def _own_scalar_op_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """``x * c`` and ``x + c`` (``c`` a number) quantize their output with a quantizer of their own.
+
+    torch.ao's backend shares the input's quantizer with such an op's output: one observer sees
+    both ranges, and on a fixed grid the output is clamped to the input's range (torchvision's
+    Swin V2 computes ``16 * sigmoid(bias)``: fake-quant cut it to [0, 1) on sigmoid's grid, while
+    convert_fx's ``quantized.mul`` rescales the grid and keeps [0, 16)). With a quantizer of its
+    own the output is observed on its range; lowering computes the op in float onto that grid
+    (``passes/float_scalar_ops.py``), exactly the simulated arithmetic.
+    """
+    if config.act_bits is None:
+        return
+    modules = dict(gm.named_modules(remove_duplicate=False))
+
+    def quantizer(node):
+        if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(
+                modules.get(node.target), FakeQuantizeBase):
+            return node
+        return None
+
+    make = activation_fake_quant(config)
+    # torch.ao's module of each quantizer node, before any is replaced (``0.5 + 2 * sigmoid(x)``:
+    # the sum shares the product's, which shares the sigmoid's)
+    shared_with = {n: modules[n.target] for n in gm.graph.nodes if quantizer(n) is not None}
+    changed = False
+    for node in list(gm.graph.nodes):
+        source = quantizer(_scalar_operand(node))
+        if source is None:
+            continue
+        for user in list(node.users):
+            if quantizer(user) is not None and user.args[0] is node \
+                    and shared_with[user] is shared_with[source]:  # one module, maybe two names
+                name = _free_name(gm, f"{source.target}_scalar_{node.name}")
+                own = make()
+                own.train(gm.training)
+                gm.add_submodule(name, own)
+                modules[name] = own
+                user.target = name
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
 
 
 def _fold_zero_gamma_exactly(gm: fx.GraphModule) -> None:

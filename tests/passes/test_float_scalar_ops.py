@@ -37,11 +37,13 @@ def _scalar_ops(gm):
 
 
 def test_scalar_ops_run_in_float_onto_the_fake_quant_grid():
-    qat, x = _calibrated()
+    # a constant that moves the sum past the product's range: torch.ao's add_scalar then rescales
+    # its grid instead of rounding onto the sum's own quantizer
+    qat, x = _calibrated(0.37, 5.0)
     int8 = convert(qat, meta.graph_info(qat).config)
     assert len(_scalar_ops(int8)) == 2
     before = fq.check_parity(qat, int8, [x])
-    assert before.output_mean_abs > 0  # torch.ao's add_scalar rounds the constant to the input grid
+    assert before.output_mean_abs > 0
     result = float_scalar_ops(int8, grids=output_grids(qat, int8))
     assert result.modified is True and result.graph_module is int8
     int8.graph.lint()
@@ -67,3 +69,26 @@ def test_property_lowered_scalar_ops_equal_fake_quant(c_mul, c_add):
     parity = fq.check_parity(qat, fq.lower(qat), [x])
     assert parity.ok and parity.coverage == 1.0, parity.table()
     assert {"mul", "add"} <= {r.name for r in parity.ops}
+
+
+class ScaledFirst(nn.Module):
+    """The number on the left: ``c * x`` and ``c + x`` (torchvision Swin V2's ``16 * sigmoid(b)``)."""
+
+    def forward(self, x):
+        return 0.5 + 2.5 * torch.sigmoid(x)
+
+
+def test_a_number_on_the_left_runs_in_float_too():
+    torch.manual_seed(0)
+    x = torch.randn(32, 8) * 3
+    qat = fq.prepare(ScaledFirst().eval(), (x,), config=fq.QuantConfig(weight_bits=7))
+    fq.calibrate(qat, [x])
+    int8 = convert(qat, meta.graph_info(qat).config)
+    assert len(_scalar_ops(int8)) == 2
+    result = float_scalar_ops(int8, grids=output_grids(qat, int8))
+    assert result.modified is True and _scalar_ops(int8) == []
+    int8.graph.lint()
+    after = fq.check_parity(qat, int8, [x])
+    assert after.output_max_abs == 0.0, after.table()
+    with torch.no_grad():
+        assert float(int8(x).max()) > 2.5  # 0.5 + 2.5 * sigmoid leaves sigmoid's [0, 1)

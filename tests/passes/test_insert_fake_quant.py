@@ -225,3 +225,71 @@ def test_an_op_keeps_reading_its_input_quantizer_next_to_a_cat_requantize():
     fq.calibrate(qat, data)
     parity = fq.check_parity(qat, fq.lower(qat), data)
     assert parity.ok and parity.coverage == 1.0, parity.table()
+
+
+class ScaledGate(nn.Module):
+    """torchvision Swin V2's relative position bias: ``16 * sigmoid(b)``, then a scalar add on a
+    value with an observed (not fixed) grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(x) + 16 * torch.sigmoid(self.a(x)) + (self.a(x) + 3.0)
+
+
+def _quantizers(gm):
+    return {n: m for n, m in gm.named_modules(remove_duplicate=False)
+            if isinstance(m, torch.ao.quantization.FakeQuantizeBase) and "weight_fake_quant" not in n}
+
+
+def test_scalar_ops_get_a_quantizer_of_their_own_and_no_torch_ao_quantizer_is_left():
+    """torch.ao shares the sigmoid's fixed [0, 1) grid with ``16 * sigmoid``: fake-quant clamped the
+    product to [0, 1) while the INT8 model kept [0, 16); the shared torch.ao module also survived
+    under its second name (a Dynamo graph break)."""
+    torch.manual_seed(0)
+    data = [(torch.randn(64, 8) * 3,), (torch.randn(32, 8) * 3,)]
+    model = ScaledGate().eval()
+    qat = fq.prepare(model, data[0], config=fq.QuantConfig(weight_bits=8, act_bits=8))
+    assert all(type(m) is FakeQuantize for m in _quantizers(qat).values())
+    modules = dict(qat.named_modules(remove_duplicate=False))
+    for node in qat.graph.nodes:
+        if node.op == "call_function" and any(isinstance(a, (int, float)) for a in node.args):
+            (out_q,) = node.users
+            in_q = next(a for a in node.args if isinstance(a, torch.fx.Node))
+            assert modules[out_q.target] is not modules[in_q.target], node.name
+    fq.calibrate(qat, data)
+    qat.eval()
+    with torch.no_grad():
+        gate = 16 * torch.sigmoid(model.a(data[0][0]))
+        assert float(gate.max()) > 8  # the float product leaves sigmoid's [0, 1)
+        torch.testing.assert_close(qat(*data[0]), model(*data[0]), atol=0.5, rtol=0.05)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+    assert {"mul", "add_1"} <= {r.name for r in parity.ops}, parity.table()
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(copy.deepcopy(qat).train())(*data[0]).graph_break_count == 0
+
+
+class SigmoidOfFloat(nn.Module):
+    """A sigmoid/tanh reading a value no quantized op produced (a graph input, a float op's output:
+    torchvision Swin V2's relative position bias comes out of a wrapped function)."""
+
+    def forward(self, x):
+        return torch.sigmoid(x) + torch.tanh(x.mean(-1, keepdim=True))
+
+
+def test_a_fixed_grid_op_reads_its_input_on_an_observed_grid():
+    """torch.ao put sigmoid's [0, 1) grid on sigmoid's input too: sigmoid(clamp(x, 0, 1))."""
+    torch.manual_seed(0)
+    data = [(torch.randn(16, 8) * 3,), (torch.randn(16, 8) * 3,)]
+    model = SigmoidOfFloat().eval()
+    qat = fq.prepare(model, data[0], config=fq.QuantConfig(weight_bits=8, act_bits=8))
+    assert all(type(m) is FakeQuantize for m in _quantizers(qat).values())
+    fq.calibrate(qat, data)
+    qat.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(qat(*data[0]), model(*data[0]), atol=0.05, rtol=0)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.output_ok and not parity.diverging_ops and len(parity.ops) == 4, parity.table()
