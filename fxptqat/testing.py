@@ -47,12 +47,20 @@ __all__ = ["Op", "act_bits", "graph_modules", "traceable_models", "weight_bits"]
 
 ModelAndInputs = tuple[nn.Module, tuple[torch.Tensor, ...]]
 
+_ACTIVATION_KINDS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "sigmoid": nn.Sigmoid,
+                     "tanh": nn.Tanh}
+_ACTIVATIONS = tuple(_ACTIVATION_KINDS.values())
+_POINTWISE = ("hardswish", "sigmoid", "tanh")
+_SCALES = (0.125, 0.5, 2.0, 16.0, -1.0)  # attention's 1/sqrt(d), Swin V2's 16, a sign flip
+_SHIFTS = (3.0, 0.5, -2.0)
+
 
 class Op(NamedTuple):
     """One step of a drawn program: ``out = kind(target, *args)``.
 
     ``kind`` is ``"call"`` (call submodule ``target``), ``"add"`` (``a + b``), ``"cat"``
-    (``torch.cat(args, dim=1)``) or ``"flatten"`` (``torch.flatten(a, 1)``).
+    (``torch.cat(args, dim=1)``), ``"flatten"`` (``torch.flatten(a, 1)``), or ``"mul_scalar"`` /
+    ``"add_scalar"`` (``c * a`` / ``a + c``, the number ``c`` written in ``target``).
     """
 
     kind: str
@@ -96,6 +104,10 @@ class _DrawnModel(nn.Module):
                 env[op.out] = torch.cat(args, dim=1)
             elif op.kind == "flatten":
                 env[op.out] = torch.flatten(args[0], 1)
+            elif op.kind == "mul_scalar":  # the number on the left, as torchvision's Swin V2 writes it
+                env[op.out] = float(op.target) * args[0]
+            elif op.kind == "add_scalar":
+                env[op.out] = args[0] + float(op.target)
             else:  # pragma: no cover - programs are built by this module only
                 raise ValueError(f"unknown op kind {op.kind!r}")
         return env[self.output]
@@ -107,12 +119,16 @@ class _DrawnModel(nn.Module):
         for op in self.program:
             if op.kind == "call":
                 mod = getattr(self, op.target)
-                note = "" if isinstance(mod, nn.ReLU) else f"  # {mod!r}"
+                note = "" if isinstance(mod, _ACTIVATIONS) else f"  # {mod!r}"
                 lines.append(f"  {op.out} = {op.target}({op.args[0]}){note}")
             elif op.kind == "add":
                 lines.append(f"  {op.out} = {op.args[0]} + {op.args[1]}")
             elif op.kind == "cat":
                 lines.append(f"  {op.out} = torch.cat([{', '.join(op.args)}], dim=1)")
+            elif op.kind == "mul_scalar":
+                lines.append(f"  {op.out} = {op.target} * {op.args[0]}")
+            elif op.kind == "add_scalar":
+                lines.append(f"  {op.out} = {op.args[0]} + {op.target}")
             else:
                 lines.append(f"  {op.out} = torch.flatten({op.args[0]}, 1)")
         lines.append(f"  return {self.output}")
@@ -148,10 +164,8 @@ def _make_module(spec: tuple[Any, ...], g: torch.Generator) -> nn.Module:
             bn.running_var.uniform_(0.25, 4.0, generator=g)
             bn.num_batches_tracked.zero_()
         return bn
-    if kind == "relu":
-        return nn.ReLU()
-    if kind == "relu6":
-        return nn.ReLU6()
+    if kind in _ACTIVATION_KINDS:
+        return _ACTIVATION_KINDS[kind]()
     if kind == "pool":
         return nn.AdaptiveAvgPool2d(1)
     raise ValueError(f"unknown layer spec {spec!r}")  # pragma: no cover
@@ -177,6 +191,7 @@ class _Cfg:
     allow_fanout: bool
     allow_depthwise: bool
     max_channels: int
+    allow_pointwise: bool = True
 
 
 class _Builder:
@@ -202,8 +217,18 @@ class _Builder:
         return self.emit("call", name, (src,), width)
 
     def relu(self, src: str, width: int) -> str:
-        kind = self.draw(st.sampled_from(("none", "relu", "relu6")))
+        """An optional activation: ReLU or ReLU6, and with ``allow_pointwise`` also Hardswish,
+        Sigmoid or Tanh (the last two quantized on fixed grids)."""
+        kinds = ("none", "relu", "relu6") + (_POINTWISE if self.cfg.allow_pointwise else ())
+        kind = self.draw(st.sampled_from(kinds))
         return src if kind == "none" else self.layer(kind, (kind,), src, width)
+
+    def scaled(self, src: str, width: int) -> str:
+        """``c * src``, then optionally ``+ d`` (Swin V2's ``16 * sigmoid(b)``, ViT's ``q * scale``)."""
+        v = self.emit("mul_scalar", repr(self.draw(st.sampled_from(_SCALES))), (src,), width)
+        if self.draw(st.booleans()):
+            v = self.emit("add_scalar", repr(self.draw(st.sampled_from(_SHIFTS))), (v,), width)
+        return v
 
     def unit(self, src: str, c_in: int, c_out: int | None = None) -> tuple[str, int]:
         """A conv (+BN) (+ReLU or ReLU6) or linear (+ReLU or ReLU6) layer; ``c_out`` forces the output width."""
@@ -232,9 +257,13 @@ class _Builder:
                 ["cat"] if cfg.allow_cat and cfg.max_channels > 1 else []
             )
             kinds += ["branch"] if merges else []
+        kinds += ["scaled"] if cfg.allow_pointwise else []
         kind = draw(st.sampled_from(kinds))
         if kind == "plain":
             return self.unit(cur, c)
+        if kind == "scaled":  # a unit whose output is scaled (and shifted) by numbers
+            body, c = self.unit(cur, c)
+            return self.scaled(body, c), c
         if kind == "residual":  # body(cur) + any earlier value of the same shape (cur itself included)
             body, _ = self.unit(cur, c, c_out=c)
             skip = draw(st.sampled_from([n for n, w in self.values if w == c and n != body]))
@@ -291,6 +320,7 @@ def traceable_models(
     allow_depthwise: bool = True,
     max_channels: int = 8,
     batch_size: SearchStrategy[int] | int = _DEFAULT_BATCH,
+    allow_pointwise: bool = True,
 ) -> SearchStrategy[ModelAndInputs]:
     """Strategy for ``(model, example_inputs)``: eval-mode models that ``symbolic_trace`` cleanly.
 
@@ -300,7 +330,9 @@ def traceable_models(
     shape, optional ReLU or ReLU6 after), a ``torch.cat(dim=1)`` of a body with an earlier value, or a
     two-branch block (one value feeds two layers, merged by add or cat).  Conv models end
     either on the conv output or on AdaptiveAvgPool2d + flatten (+ Linear head).  Linear-only
-    models take ``(N, F)`` and use Linear (+ReLU or ReLU6) in the same block shapes.  Channel / feature
+    models take ``(N, F)`` and use Linear (+ReLU or ReLU6) in the same block shapes.  With
+    ``allow_pointwise`` an activation may also be Hardswish, Sigmoid or Tanh, and a block may be a
+    layer whose output is scaled by a number and optionally shifted (``c * v + d``).  Channel / feature
     counts never exceed ``max_channels``.  Residual and cat need one value read twice, so with
     ``allow_fanout=False`` every value in the graph has exactly one user.  Parameters, BN
     statistics and inputs come from a ``torch.Generator`` seeded by a drawn seed (the global
@@ -324,6 +356,7 @@ def traceable_models(
         allow_fanout,
         allow_depthwise and allow_conv,
         max_channels,
+        allow_pointwise,
     )
     return _models(cfg, batch_size)
 

@@ -103,12 +103,20 @@ def _no_depthwise(gm, x):
     return all(m.groups == 1 for m in _modules(gm, nn.Conv2d))
 
 
-def _no_add(gm, x):
-    return operator.add not in _functions(gm)
+def _no_add(gm, x):  # of two values (``v + 3.0`` is a pointwise op)
+    return not any(n.op == "call_function" and n.target is operator.add and all(
+        isinstance(a, torch.fx.Node) for a in n.args) for n in gm.graph.nodes)
 
 
 def _no_cat(gm, x):
     return torch.cat not in _functions(gm)
+
+
+def _no_pointwise(gm, x):
+    pointwise = (nn.Hardswish, nn.Sigmoid, nn.Tanh)
+    numbers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.mul, operator.add)
+               and any(isinstance(a, float) for a in n.args)]
+    return not any(_modules(gm, m) for m in pointwise) and not numbers
 
 
 def _single_users(gm, x):
@@ -137,9 +145,10 @@ def _small(gm, x):
         ({"allow_residual": False}, _no_add),
         ({"allow_cat": False}, _no_cat),
         ({"allow_fanout": False}, _single_users),
+        ({"allow_pointwise": False}, _no_pointwise),
         ({"max_layers": 1, "max_channels": 3, "batch_size": 2}, _small),
     ],
-    ids=["conv", "linear", "bn", "depthwise", "residual", "cat", "fanout", "sizes"],
+    ids=["conv", "linear", "bn", "depthwise", "residual", "cat", "fanout", "pointwise", "sizes"],
 )
 def test_flags_restrict_vocabulary(kwargs: dict, check: Callable) -> None:
     @SETTINGS
@@ -164,12 +173,16 @@ def _conv_users(gm: torch.fx.GraphModule) -> int:
 _FEATURES: dict[str, Callable] = {
     "depthwise": lambda gm, x: any(m.groups > 1 for m in _modules(gm, nn.Conv2d)),
     "bn": lambda gm, x: bool(_modules(gm, nn.BatchNorm2d)),
-    "add": lambda gm, x: operator.add in _functions(gm),
+    "add": lambda gm, x: not _no_add(gm, x),
     "cat": lambda gm, x: torch.cat in _functions(gm),
     "conv-fanout": lambda gm, x: _conv_users(gm) >= 2,  # one conv output feeding two consumers
     "linear-head": lambda gm, x: x.dim() == 4 and bool(_modules(gm, nn.Linear)),
     "conv-output": lambda gm, x: x.dim() == 4 and not _modules(gm, nn.AdaptiveAvgPool2d),
     "linear-only": lambda gm, x: x.dim() == 2,
+    "fixed-grid": lambda gm, x: bool(_modules(gm, nn.Sigmoid) or _modules(gm, nn.Tanh)),
+    "hardswish": lambda gm, x: bool(_modules(gm, nn.Hardswish)),
+    "scaled": lambda gm, x: any(n.op == "call_function" and any(isinstance(a, float) for a in n.args)
+                                for n in gm.graph.nodes),
 }
 
 
