@@ -75,6 +75,7 @@ def insert_fake_quant(
     if not config.weighted_only:
         _read_quantized_inputs(gm)
     _requantize_cat_inputs(gm)
+    _drop_unused_quantizer_names(gm)
     _annotate(gm, config)
     return PassResult(gm, True)
 
@@ -219,7 +220,18 @@ def _own_scalar_op_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
                 user.target = name
                 changed = True
     if changed:
+        _drop_unused_quantizer_names(gm)  # the name torch.ao gave the shared quantizer there
         gm.recompile()
+
+
+def _drop_unused_quantizer_names(gm: fx.GraphModule) -> None:
+    """Remove every quantizer name no node calls. ``delete_all_unused_submodules`` keeps a second
+    name of a module that is used under its first (it walks ``named_modules()``, which lists a
+    shared module once): a stale name then shows an observer that never saw a value."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for name, module in list(gm._modules.items()):  # named_children() lists a shared module once too
+        if name not in used and isinstance(module, FakeQuantizeBase):
+            delattr(gm, name)
 
 
 def _free_name(gm: fx.GraphModule, base: str) -> str:

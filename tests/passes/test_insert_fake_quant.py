@@ -253,6 +253,8 @@ def test_scalar_ops_get_a_quantizer_of_their_own_and_no_torch_ao_quantizer_is_le
     model = ScaledGate().eval()
     qat = fq.prepare(model, data[0], config=fq.QuantConfig(weight_bits=8, act_bits=8))
     assert all(type(m) is FakeQuantize for m in _quantizers(qat).values())
+    called = {str(n.target) for n in qat.graph.nodes if n.op == "call_module"}
+    assert set(_quantizers(qat)) <= called  # no stale name of a quantizer that was replaced
     modules = dict(qat.named_modules(remove_duplicate=False))
     for node in qat.graph.nodes:
         if node.op == "call_function" and any(isinstance(a, (int, float)) for a in node.args):
