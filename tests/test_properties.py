@@ -67,12 +67,24 @@ def _adam_step(qat: fx.GraphModule, x: torch.Tensor, *, lr: float = 1.0) -> list
     return params
 
 
+class _Majorant(nn.Module):
+    def forward(self, z):
+        return 1.5 * z + 1.0
+
+
 def _abs_network_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``|model|`` on ``|x|`` in float64: every weight, bias and BN affine replaced by its absolute
     value and every BN mean by ``-|mean|``. Element-wise it bounds the magnitude of every value of
     the network and of any perturbation pushed through it (|W z| <= |W| |z|; ReLU, add, cat,
-    average pool and flatten are monotone and 1-Lipschitz)."""
+    average pool and flatten are monotone and 1-Lipschitz). A number multiplies by ``|c|`` and adds
+    ``|d|``; Hardswish, Sigmoid and Tanh become ``1.5 z + 1``, which bounds each of their values
+    (|hardswish(z)| <= |z|, |sigmoid| <= 1, |tanh| <= 1) and slopes (<= 1.5, 1/4, 1)."""
     m = copy.deepcopy(model).double().eval()
+    m.program = tuple(op._replace(target=repr(abs(float(op.target)))) if op.kind in ("mul_scalar", "add_scalar")
+                      else op for op in m.program)
+    for name, mod in list(m.named_children()):
+        if isinstance(mod, (nn.Hardswish, nn.Sigmoid, nn.Tanh)):
+            setattr(m, name, _Majorant())
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
