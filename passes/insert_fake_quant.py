@@ -135,6 +135,7 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> No
         on_its_grid[node] = computes_fixed_op(value) or (
             source is not None and on_its_grid.get(source, False)
             and modules[source.target] is modules[node.target])  # an op sharing the op's grid
+    _round_onto_fixed_grid_first(gm, modules, computes_fixed_op, fixed)
     make = activation_fake_quant(config)
     for node, ok in on_its_grid.items():
         if not ok:
@@ -164,6 +165,31 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> No
         replaced[id(module)] = own
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def _round_onto_fixed_grid_first(gm: fx.GraphModule, modules: dict, computes_fixed_op, fixed) -> None:
+    """A quantized sigmoid/tanh whose output torch.ao quantizes on another grid (a cat's shared one)
+    rounds onto its fixed grid first, as its INT8 kernel does: ``torch.sigmoid`` of a quint8
+    tensor always returns the [0, 1) grid, which the cat then requantizes; fake-quant rounded once
+    onto the cat's grid (1.07 steps apart at the sigmoid, a property draw)."""
+    qconfigs = getattr(gm.meta.get("_observed_graph_module_attrs"), "node_name_to_qconfig", None) or {}
+    for node in list(gm.graph.nodes):
+        if not computes_fixed_op(node) or qconfigs.get(node.name) is None:
+            continue
+        readers = [u for u in node.users if u.op == "call_module" and isinstance(modules.get(u.target), FakeQuantizeBase)
+                   and u.args[0] is node]
+        if not readers or any(fixed(u) for u in readers):
+            continue
+        kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
+        name = _free_name(gm, f"{node.name}_fixed_grid")
+        own = FixedQParamsFakeQuantize(observer=_FIXED_QPARAMS_OP_TO_OBSERVER[kind])  # replaced below
+        own.train(gm.training)
+        gm.add_submodule(name, own)
+        modules[name] = own
+        with gm.graph.inserting_after(node):
+            rounded = gm.graph.call_module(name, (node,))
+        for reader in readers:
+            reader.replace_input_with(node, rounded)
 
 
 _SCALAR_OPS = (operator.add, operator.mul, torch.add, torch.mul, "add", "mul")

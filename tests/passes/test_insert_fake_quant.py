@@ -295,3 +295,35 @@ def test_a_fixed_grid_op_reads_its_input_on_an_observed_grid():
         torch.testing.assert_close(qat(*data[0]), model(*data[0]), atol=0.05, rtol=0)
     parity = fq.check_parity(qat, fq.lower(qat), data)
     assert parity.output_ok and not parity.diverging_ops and len(parity.ops) == 4, parity.table()
+
+
+class SigmoidIntoCat(nn.Module):
+    """A sigmoid concatenated with another value (the lowering property's seed-2 draw): torch.ao
+    quantizes its output on the cat's grid, but ``torch.sigmoid`` of a quint8 tensor returns its
+    fixed [0, 1) grid, which the cat then requantizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(29)
+        self.conv0, self.conv1, self.conv2 = (nn.Conv2d(1, 1, 1, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for conv in (self.conv0, self.conv1, self.conv2):
+                conv.weight.uniform_(-1.7, 1.7, generator=g)
+        self.relu0, self.sigmoid0 = nn.ReLU(), nn.Sigmoid()
+
+    def forward(self, x):
+        v = self.relu0(self.conv0(x) + x)
+        return torch.cat([v, self.sigmoid0(self.conv2(self.conv1(v)))], 1)
+
+
+def test_a_fixed_grid_op_read_on_another_grid_rounds_onto_its_own_first():
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    data = [(x,), (torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(30)),)]
+    qat = fq.prepare(SigmoidIntoCat().eval(), data[0], config=fq.QuantConfig(weight_bits=2))
+    sigmoid = next(n for n in qat.graph.nodes if n.name == "sigmoid0")
+    (first,) = sigmoid.users
+    assert float(qat.get_submodule(first.target).scale) == 1 / 256  # the kernel's grid
+    fq.calibrate(qat, data)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.ok and parity.coverage == 1.0 and not parity.diverging_ops, parity.table()
+    assert "sigmoid0" in {r.name for r in parity.ops}, parity.table()
