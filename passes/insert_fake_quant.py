@@ -66,6 +66,7 @@ def insert_fake_quant(
     finally:
         release_device_cache()  # else torch.ao's cache keeps every model ever prepared alive
     _transplant(prepared, into=gm)
+    _round_onto_fixed_grid_first(gm)
     _own_fixed_qparams_quantizers(gm, config)
     _own_scalar_op_quantizers(gm, config)
     _fold_zero_gamma_exactly(gm)
@@ -113,16 +114,7 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> No
     like any other activation quantizer.
     """
     modules = dict(gm.named_modules(remove_duplicate=False))
-    fixed_ops = set(_FIXED_QPARAMS_OP_TO_OBSERVER)
-
-    def fixed(node) -> bool:
-        return isinstance(node, fx.Node) and node.op == "call_module" and type(
-            modules.get(node.target)) is FixedQParamsFakeQuantize
-
-    def computes_fixed_op(node) -> bool:
-        kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
-        return node.op in ("call_module", "call_function", "call_method") and kind in fixed_ops
-
+    fixed = lambda node: _on_fixed_grid(node, modules)  # noqa: E731
     on_its_grid: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:  # topological: a shared quantizer's source comes first
         if not fixed(node):
@@ -132,10 +124,9 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> No
             on_its_grid[node] = False
             continue
         source = next((a for a in value.all_input_nodes if fixed(a)), None)
-        on_its_grid[node] = computes_fixed_op(value) or (
+        on_its_grid[node] = _fixed_grid_op(value, modules) is not None or (
             source is not None and on_its_grid.get(source, False)
             and modules[source.target] is modules[node.target])  # an op sharing the op's grid
-    _round_onto_fixed_grid_first(gm, modules, computes_fixed_op, fixed)
     make = activation_fake_quant(config)
     for node, ok in on_its_grid.items():
         if not ok:
@@ -163,29 +154,42 @@ def _own_fixed_qparams_quantizers(gm: fx.GraphModule, config: QuantConfig) -> No
         own.train(module.training)
         gm.set_submodule(name, own)
         replaced[id(module)] = own
-    gm.delete_all_unused_submodules()
-    gm.recompile()
+    gm.recompile()  # the names no node calls now go in _drop_unused_quantizer_names
 
 
-def _round_onto_fixed_grid_first(gm: fx.GraphModule, modules: dict, computes_fixed_op, fixed) -> None:
+def _on_fixed_grid(node, modules: dict) -> bool:
+    """``node`` calls one of torch.ao's fixed-grid quantizers."""
+    return isinstance(node, fx.Node) and node.op == "call_module" and type(
+        modules.get(node.target)) is FixedQParamsFakeQuantize
+
+
+def _fixed_grid_op(node: fx.Node, modules: dict):
+    """The key of ``_FIXED_QPARAMS_OP_TO_OBSERVER`` that ``node`` computes (sigmoid, tanh...), else None."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
+    return kind if kind in _FIXED_QPARAMS_OP_TO_OBSERVER else None
+
+
+def _round_onto_fixed_grid_first(gm: fx.GraphModule) -> None:
     """A quantized sigmoid/tanh whose output torch.ao quantizes on another grid (a cat's shared one)
     rounds onto its fixed grid first, as its INT8 kernel does: ``torch.sigmoid`` of a quint8
     tensor always returns the [0, 1) grid, which the cat then requantizes; fake-quant rounded once
     onto the cat's grid (1.07 steps apart at the sigmoid, a property draw)."""
     qconfigs = getattr(gm.meta.get("_observed_graph_module_attrs"), "node_name_to_qconfig", None) or {}
+    modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
-        if not computes_fixed_op(node) or qconfigs.get(node.name) is None:
+        kind = _fixed_grid_op(node, modules)
+        if kind is None or qconfigs.get(node.name) is None:
             continue
         readers = [u for u in node.users if u.op == "call_module" and isinstance(modules.get(u.target), FakeQuantizeBase)
                    and u.args[0] is node]
-        if not readers or any(fixed(u) for u in readers):
+        if not readers or any(_on_fixed_grid(u, modules) for u in readers):
             continue
-        kind = type(modules.get(node.target)) if node.op == "call_module" else node.target
         name = _free_name(gm, f"{node.name}_fixed_grid")
-        own = FixedQParamsFakeQuantize(observer=_FIXED_QPARAMS_OP_TO_OBSERVER[kind])  # replaced below
+        own = FixedQParamsFakeQuantize(observer=_FIXED_QPARAMS_OP_TO_OBSERVER[kind])  # made fxptqat's next
         own.train(gm.training)
         gm.add_submodule(name, own)
-        modules[name] = own
         with gm.graph.inserting_after(node):
             rounded = gm.graph.call_module(name, (node,))
         for reader in readers:
@@ -246,7 +250,6 @@ def _own_scalar_op_quantizers(gm: fx.GraphModule, config: QuantConfig) -> None:
                 user.target = name
                 changed = True
     if changed:
-        _drop_unused_quantizer_names(gm)  # the name torch.ao gave the shared quantizer there
         gm.recompile()
 
 
