@@ -171,11 +171,18 @@ def _fixed_grid_op(node: fx.Node, modules: dict):
     return kind if kind in _FIXED_QPARAMS_OP_TO_OBSERVER else None
 
 
+def _same_grid(quantizer, observer) -> bool:
+    return (float(quantizer.scale) == float(observer.scale) and int(quantizer.zero_point) == int(observer.zero_point)
+            and (quantizer.quant_min, quantizer.quant_max) == (observer.quant_min, observer.quant_max))
+
+
 def _round_onto_fixed_grid_first(gm: fx.GraphModule) -> None:
     """A quantized sigmoid/tanh whose output torch.ao quantizes on another grid (a cat's shared one)
     rounds onto its fixed grid first, as its INT8 kernel does: ``torch.sigmoid`` of a quint8
     tensor always returns the [0, 1) grid, which the cat then requantizes; fake-quant rounded once
-    onto the cat's grid (1.07 steps apart at the sigmoid, a property draw)."""
+    onto the cat's grid (1.07 steps apart at the sigmoid, a property draw). The cat's grid may be
+    another fixed one: ``cat([sigmoid(a), tanh(b)])`` shares the sigmoid's, and the tanh's [-1, 1)
+    output was put on it unrounded and unrequantized (254 steps apart, another draw)."""
     qconfigs = getattr(gm.meta.get("_observed_graph_module_attrs"), "node_name_to_qconfig", None) or {}
     modules = dict(gm.named_modules(remove_duplicate=False))
     for node in list(gm.graph.nodes):
@@ -184,8 +191,9 @@ def _round_onto_fixed_grid_first(gm: fx.GraphModule) -> None:
             continue
         readers = [u for u in node.users if u.op == "call_module" and isinstance(modules.get(u.target), FakeQuantizeBase)
                    and u.args[0] is node]
-        if not readers or any(_on_fixed_grid(u, modules) for u in readers):
-            continue
+        grid = _FIXED_QPARAMS_OP_TO_OBSERVER[kind]()
+        if not readers or any(_on_fixed_grid(u, modules) and _same_grid(modules[u.target], grid) for u in readers):
+            continue  # already on its own grid (a tanh read on a sigmoid's shared grid is not)
         name = _free_name(gm, f"{node.name}_fixed_grid")
         own = FixedQParamsFakeQuantize(observer=_FIXED_QPARAMS_OP_TO_OBSERVER[kind])  # made fxptqat's next
         own.train(gm.training)

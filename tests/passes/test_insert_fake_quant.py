@@ -327,3 +327,34 @@ def test_a_fixed_grid_op_read_on_another_grid_rounds_onto_its_own_first():
     parity = fq.check_parity(qat, fq.lower(qat), data)
     assert parity.ok and parity.coverage == 1.0 and not parity.diverging_ops, parity.table()
     assert "sigmoid0" in {r.name for r in parity.ops}, parity.table()
+
+
+class SigmoidTanhCat(nn.Module):
+    """``cat([sigmoid(a), tanh(b)])`` (a random draw of the README's test command): torch.ao shares
+    the sigmoid's [0, 1) grid with the cat, and the tanh's [-1, 1) output went onto it unrounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.conv0, self.conv1, self.conv2 = (nn.Conv2d(1, 1, 1, bias=False) for _ in range(3))
+        with torch.no_grad():
+            for conv in (self.conv0, self.conv1, self.conv2):
+                conv.weight.uniform_(-1.7, 1.7, generator=g)
+        self.sigmoid0, self.tanh0 = nn.Sigmoid(), nn.Tanh()
+
+    def forward(self, x):
+        v = self.conv0(x)
+        return torch.cat([self.sigmoid0(self.conv1(v)), self.tanh0(self.conv2(v))], 1)
+
+
+def test_a_tanh_on_a_sigmoids_grid_rounds_onto_its_own_first():
+    x = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    data = [(x,), (torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1)),)]
+    qat = fq.prepare(SigmoidTanhCat().eval(), data[0], config=fq.QuantConfig(weight_bits=2))
+    tanh = next(n for n in qat.graph.nodes if n.name == "tanh0")
+    (first,) = tanh.users
+    assert int(qat.get_submodule(first.target).zero_point) == 128  # tanh's [-1, 1) grid
+    fq.calibrate(qat, data)
+    parity = fq.check_parity(qat, fq.lower(qat), data)
+    assert parity.ok and parity.coverage == 1.0 and not parity.diverging_ops, parity.table()
+    assert "tanh0" in {r.name for r in parity.ops}, parity.table()
