@@ -273,3 +273,159 @@ def test_fold_batch_norm_turns_convbn_into_conv_with_bias(zero_gamma):
         fake = qat(x)
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(after[0], fake, rtol=0, atol=1e-5)
+
+
+# -- the fake-quant mask and drop_repeated_fake_quant --------------------------------------------------
+def test_the_straight_through_mask_is_a_float_tensor_zero_outside_the_grid_and_on_nan():
+    """Same gradient as torch's op on values outside the grid, at infinities and at NaN (0), and the
+    mask is of ``x``'s dtype: a ``bool`` mask is what inductor's CPU code stores slowly."""
+    from fxptqat.backend import _grid
+
+    # grid [0, 27], zero point 3: x / 0.1 rounds inside for x in [-0.35, 2.45)
+    x = torch.tensor([-1e9, -3.0, -0.36, -0.26, 0.0, 0.3, 2.4, 2.46, 1e9, float("inf"), float("-inf"), float("nan")])
+    scale, zp = torch.tensor([0.1]), torch.tensor([3], dtype=torch.int32)
+    out, inside = _grid(x, scale, zp, 0, 27, None)
+    assert inside.dtype == x.dtype
+    assert inside.tolist() == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0]
+    xg = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fake_quantize(xg, scale, zp, 0, 27).sum(), xg)
+    xr = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(torch.fake_quantize_per_tensor_affine(xr, scale, zp, 0, 27).sum(), xr)
+    assert grad.tolist() == ref.tolist() == inside.tolist()
+    finite = ~torch.isnan(x)
+    assert torch.equal(out[finite], torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 27)[finite])
+
+
+def _drop_backend(record: list):
+    """A backend that applies drop_repeated_fake_quant and runs the graph eagerly."""
+    from fxptqat.backend import drop_repeated_fake_quant
+
+    def run(gm, example_inputs):
+        record.append(drop_repeated_fake_quant(gm, example_inputs))
+        return gm.forward
+    return run
+
+
+def _values_and_grads(f, x, w):
+    x = x.clone().requires_grad_()
+    out = f(x)
+    (grad,) = torch.autograd.grad((out * w).sum(), x)
+    return out.detach(), grad
+
+
+_S0, _Z0 = torch.tensor([0.05]), torch.tensor([120], dtype=torch.int32)
+_S1, _Z1 = torch.tensor([0.07]), torch.tensor([3], dtype=torch.int32)
+# one quantizer's tensors under a second name; equal values in other tensors; the same tensors, a narrower range
+_QUANTIZERS = [(_S0, _Z0, 0, 255), (_S1, _Z1, 0, 255), (_S0.clone(), _Z0.clone(), 0, 255), (_S0, _Z0, 0, 127)]
+_KEEPING = ("reshape", "transpose", "permute", "flatten", "getitem", "max_pool", "chunk")
+
+
+def _apply(op: str, v: torch.Tensor) -> torch.Tensor:
+    if op == "reshape":
+        return v.reshape(v.shape[0], -1).reshape(v.shape)
+    if op == "transpose":
+        return v.transpose(2, 3)
+    if op == "permute":
+        return v.permute(0, 1, 3, 2)
+    if op == "flatten":
+        return torch.flatten(v, 2).unflatten(2, v.shape[2:])
+    if op == "getitem":
+        return v[:, :, 1:] if v.shape[2] > 2 else v[:, :, :]
+    if op == "max_pool":
+        return nn.functional.max_pool2d(v, 2, stride=1) if v.shape[2] > 2 and v.shape[3] > 2 else v
+    if op == "chunk":
+        return torch.chunk(v, 2, dim=1)[0] if v.shape[1] > 1 else v
+    if op == "relu":
+        return torch.relu(v)  # keeps the grid too, but not in the pass's list: the chain stops here
+    return v * 2  # "double": off the grid
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(st.lists(st.one_of(st.tuples(st.just("fq"), st.integers(0, len(_QUANTIZERS) - 1)),
+                          st.tuples(st.sampled_from(_KEEPING + ("relu", "double")), st.just(0))),
+                min_size=1, max_size=10),
+       st.integers(0, 2**31 - 1))
+def test_dropping_repeated_fake_quant_changes_no_value_and_no_gradient(program, seed):
+    """A random chain of fake-quant calls (four quantizers: two distinct, one with the first's values
+    in other tensors, one with the first's tensors and a narrower range) and value-keeping ops:
+    the compiled graph computes the same values and gradients bit for bit, and exactly the calls
+    that re-quantize onto the grid their input is already on (same tensors, same range, through
+    value-keeping ops only) are removed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 5, 5, generator=g) * 4
+    expected_drops, grid = 0, None
+    for op, k in program:
+        if op == "fq":
+            expected_drops += grid == k
+            grid = k
+        elif op in ("relu", "double"):
+            grid = None
+
+    def f(v):
+        for op, k in program:
+            if op == "fq":
+                s, z, lo, hi = _QUANTIZERS[k]
+                v = torch.fake_quantize_per_tensor_affine(v, s, z, lo, hi)
+            else:
+                v = _apply(op, v)
+        return v
+
+    ref, ref_grad = _values_and_grads(f, x, w := torch.randn(f(x).shape, generator=g))
+    record: list[int] = []
+    torch._dynamo.reset()
+    out, grad = _values_and_grads(torch.compile(f, backend=_drop_backend(record), fullgraph=True), x, w)
+    torch._dynamo.reset()
+    assert record == [expected_drops], (record, expected_drops, program)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+
+
+def test_a_call_is_kept_when_its_grid_may_have_changed():
+    """No removal when an alias of the first call's output is written in place, or when the
+    quantizer's scale is updated between the calls (a quantizer that still observes)."""
+    s, z = torch.tensor([0.05]), torch.tensor([120], dtype=torch.int32)
+
+    def mutated_alias(v):
+        a = torch.fake_quantize_per_tensor_affine(v, s, z, 0, 255)
+        a.view(-1)[:3].mul_(1.01)
+        return torch.fake_quantize_per_tensor_affine(a.reshape(2, -1), s, z, 0, 255)
+
+    def rescaled(v, s):
+        a = torch.fake_quantize_per_tensor_affine(v, s, z, 0, 255)
+        s.mul_(1.5)
+        return torch.fake_quantize_per_tensor_affine(a.transpose(0, 1), s, z, 0, 255)
+
+    x = torch.randn(2, 8) * 4
+    for f, args in ((mutated_alias, ()), (rescaled, (s.clone(),))):
+        record: list[int] = []
+        torch._dynamo.reset()
+        out = torch.compile(f, backend=_drop_backend(record))(x.clone(), *[a.clone() for a in args])
+        torch._dynamo.reset()
+        assert record == [0], f.__name__
+        assert torch.equal(out, f(x.clone(), *[a.clone() for a in args])), f.__name__
+
+
+def test_a_transformers_reshaped_qkv_are_not_fake_quantized_again():
+    """SmallViT's graph re-quantizes q, k, v after each reshape and transpose (torch.ao shares the
+    quantizer): the backend drops those calls, and the compiled training step matches eager."""
+    from fxptqat.examples.models import SmallViT
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, 8, 8, generator=g),) for _ in range(2)]
+    net = SmallViT(num_classes=3, image_size=8, patch_size=4, dim=8, depth=1, heads=2).eval()
+    qat = fq.prepare(net, batches[0], config=fq.QuantConfig(weight_bits=4))
+    fq.calibrate(qat, batches)
+    eager, compiled_model = copy.deepcopy(qat).train(), copy.deepcopy(qat).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_model, backend="fxptqat")
+    y = torch.tensor([0, 1, 2, 0])
+    loss_e, grads_e = _grads(eager, batches[0][0], y)
+    loss_c, grads_c = _grads(compiled_model, batches[0][0], y, compiled)
+    # per block: q, k, v after reshape and after transpose (6), k's second transpose, the attention
+    # output's transpose and reshape (3); the patch embedding's flatten and transpose (2)
+    assert counters["fxptqat"]["repeated_fake_quant_dropped"] == 11, dict(counters["fxptqat"])
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and grads_e
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
