@@ -483,6 +483,11 @@ def ratios(train: list, infer: list, train_times: dict, infer_times: dict) -> di
     return out
 
 
+def inference_steps(steps: int) -> int:
+    """Timed inference calls per variant for ``steps`` timed training steps."""
+    return max(4 * steps, 40)
+
+
 def run_model(spec: ModelSpec, steps: int, seed: int = 0) -> dict:
     import fxptqat as fq
     from benchmarks import zoo_models as zm
@@ -534,7 +539,8 @@ def run_model(spec: ModelSpec, steps: int, seed: int = 0) -> dict:
     del variants
     gc.collect()
     log(f"{label}: INT8 inference")
-    infer, infer_times = inference(spec, net, qat, x0, calib[:2], steps, label)
+    # an inference call is 10-100x shorter than a training step: more repetitions for the same noise
+    infer, infer_times = inference(spec, net, qat, x0, calib[:2], inference_steps(steps), label)
     rec["inference"] = infer
     rec["ratios"] = ratios(rec["training"], infer["variants"], train_times, infer_times)
     rec["seconds"] = round(time.perf_counter() - started, 1)
@@ -616,7 +622,8 @@ def markdown(data: dict) -> str:
     lines = ["# torch.compile(backend=\"fxptqat\"): QAT step and INT8 inference", "",
              f"`{meta['command']}` on {meta['cpu']} ({meta['cpus']} CPUs, shared), {meta['threads']} thread(s), "
              f"torch {meta['torch']}, python {meta['python']}, {meta['date']}; {meta['steps']} timed steps after "
-             f"{WARMUP} warm-up steps, round-robin over the variants; wall time {meta.get('wall_s', '-')} s; "
+             f"{WARMUP} warm-up steps ({meta.get('inference_steps') or meta['steps']} timed calls for inference), "
+             f"round-robin over the variants; wall time {meta.get('wall_s', '-')} s; "
              f"load average {meta['load_average_start']} at start, {meta.get('load_average_end', '-')} at end. "
              f"AVX-512 VNNI: {meta['avx512_vnni']}. Inductor cache: {meta['inductor_cache']}."
              + (f" Resumed: {', '.join(meta['resumed']['models'])} measured by the same command in an earlier, killed "
@@ -696,6 +703,7 @@ def environment(args, argv: list[str], models: list[str]) -> dict:
             "cpu": cpu, "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "load_average_start": [round(x, 2) for x in os.getloadavg()], "steps": args.steps, "warmup_steps": WARMUP,
+            "inference_steps": inference_steps(args.steps) if args.steps else None,
             "quick": args.quick, "models": models, "lr": LR, "optimizer": "adam", "ptqat_theta": THETA,
             "avx512_vnni": bool(exact_u8s8_kernels()), "mem_method": MEM_METHOD,
             "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default") if args.warm_cache
