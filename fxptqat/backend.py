@@ -173,6 +173,10 @@ def _keeps_values(node: fx.Node) -> bool:
         len(node.args) > 6 and node.args[6] is True)  # max_pool's return_indices, positionally
 
 
+_INPLACE_DUNDERS = frozenset(f"__i{op}__" for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul"))
+
+
 def _mutates(node: fx.Node) -> bool:
     """Whether ``node`` may write into one of its inputs (in-place methods and functions, ``out=``,
     ``inplace=True``, item assignment) or is a module call this pass cannot see into."""
@@ -181,7 +185,8 @@ def _mutates(node: fx.Node) -> bool:
     if node.op not in ("call_method", "call_function"):
         return False
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+    if isinstance(name, str) and ((name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS
+                                  or name == "__setitem__"):
         return True
     if node.target in (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                        operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
