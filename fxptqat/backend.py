@@ -31,6 +31,25 @@ Options (``torch.compile(..., backend="fxptqat", options={...})``):
 ``inductor``: a dict of ``torch._inductor.config`` options passed on.
 
 A graph without a fake-quant call compiles with inductor unchanged; the reason is logged.
+
+Per-call cost outside the compiled code (inference): before every call Dynamo checks the guards it
+installed while tracing, and a QAT module has many -- each quantizer's flags, its scale and zero
+point, and every parameter and buffer (a shape/stride check plus five ``hasattr`` checks each),
+because Dynamo passes them to the compiled graph as inputs. MobileNetV3-Small at W4A8: 4,481 guards
+per call against 1,821 for ``lower(runtime="inductor")``, whose reference graph Dynamo traces with
+its weights frozen into constants; 0.52 ms against 0.18 ms per check, which made a 17 ms INT8 call
+4.8% slower than ``lower()``'s (one thread, 200 interleaved calls). Dynamo's
+``use_recursive_dict_tags_for_guards`` skips a module's guards while its ``__dict__`` is unchanged
+(setting a quantizer's switch, or a parameter, still re-checks and recompiles); it is read when a call
+compiles, so enter it around the first call::
+
+    compiled = torch.compile(qat.eval(), backend="fxptqat")
+    with torch.no_grad(), torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+        compiled(x)  # compiles; later calls need no patch
+
+Measured the same way: 0.98x ``lower()``'s latency. A backend cannot set it itself (Dynamo builds the
+guards after the backend returns, and ``torch.compile`` drops a backend's ``backend_ctx_ctor``).
+Training steps are long enough that the guards do not show (SmallViT: no difference).
 """
 
 from __future__ import annotations

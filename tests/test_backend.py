@@ -180,6 +180,33 @@ def test_inference_runs_int8_kernels_with_the_result_of_lower_inductor_and_parit
     assert parity.output_mean_abs is not None  # the compiled model's own network output was judged
 
 
+def test_recursive_dict_tag_guards_give_the_same_int8_model_and_still_see_a_switched_quantizer():
+    """The README's advice for INT8 inference through the backend (Dynamo checks a module's guards
+    only when its ``__dict__`` changed): same output as lower(), no recompile from call to call, and a
+    quantizer switched off after compiling recompiles instead of running the stale graph."""
+    qat, batches = _qat(weight_bits=7)
+    qat.eval()
+    x = batches[0][0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(qat, backend="fxptqat")
+    with torch.no_grad(), torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=True):
+        out = compiled(x)
+        compiled(batches[1][0])
+        graphs = counters["stats"]["unique_graphs"]
+        expected = fq.lower(copy.deepcopy(qat), runtime="inductor", example_inputs=(x,))(x)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+        assert counters["fxptqat"]["int8_graphs"] == 1 and graphs == 1
+        compiled(x)
+        graphs = counters["stats"]["unique_graphs"]  # lower() compiled one more
+        quantizer = next(m for m in qat.modules() if isinstance(m, fq.FakeQuantize) and not m.is_per_channel)
+        quantizer.enable_fake_quant(False)
+        switched = qat(x)
+        assert not torch.allclose(switched, out, atol=1e-4)  # the switch matters for this input
+        torch.testing.assert_close(compiled(x), switched, rtol=0, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
 @pytest.mark.skipif(exact_u8s8_kernels(), reason="this CPU has AVX-512 VNNI: oneDNN is exact with 8-bit weights")
 def test_inference_that_would_saturate_falls_back_with_a_log_or_refuses(caplog):
     qat, batches = _qat(weight_bits=8)
