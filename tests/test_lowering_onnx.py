@@ -297,3 +297,108 @@ def test_widened_weights_keep_their_values_and_the_bias_exact(bits, k):
         assert float(wide_diff.max()) <= 1e-6 and float(plain_diff.max()) >= 1e-3
     elif bits == 4:
         assert float(wide_diff.mean()) <= float(plain_diff.mean()) / 4
+
+
+# -- the exporter's optimization without SlicesSplit's cost (fxptqat.lowering.onnx_optimize) ----------
+
+
+def _strip(proto):
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return proto.SerializeToString()
+
+
+def _checked_onnxscript() -> bool:
+    import onnxscript
+
+    from fxptqat.lowering import onnx_optimize
+
+    return ".".join(onnxscript.__version__.split(".")[:2]) in onnx_optimize.CHECKED_VERSIONS
+
+
+def _applied_rules(monkeypatch):
+    from onnxscript.rewriter import pattern
+
+    seen = []
+    real = pattern.RewriteRuleSet.apply_to_model
+
+    def spy(self, model, *args, **kwargs):
+        seen.append({getattr(r, "name", None) for r in self.rules})
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(pattern.RewriteRuleSet, "apply_to_model", spy)
+    return seen
+
+
+@pytest.mark.parametrize("ops", ["all", "weighted"])
+def test_optimization_gives_the_exporters_model_without_the_slice_rule(small_batches, ops, monkeypatch):
+    from fxptqat.lowering import onnx_optimize, reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3),
+                          nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    qat = _calibrated(model, small_batches, quantized_ops=ops)
+    ref = reference(qat, fq.meta.graph_info(qat).config)
+    expected = torch.onnx.export(ref, small_batches[0], dynamo=True, optimize=True)
+    program = torch.onnx.export(ref, small_batches[0], dynamo=True, optimize=False)
+    assert not onnx_optimize._has_slice_pair(program.model)
+    seen = _applied_rules(monkeypatch)
+    if _checked_onnxscript():
+        assert onnx_optimize.optimize(program) == "fast"
+        assert any("FuseBatchNormIntoConv" in rules for rules in seen)  # the default rules ran...
+        assert all(onnx_optimize.SKIPPED_RULE not in rules for rules in seen)  # ...less the slice rule
+    else:  # a newer onnxscript: the exporter's own optimization, until this module is checked against it
+        assert onnx_optimize.optimize(program) == "exporter"
+    assert _strip(program.model_proto) == _strip(expected.model_proto)  # the same model, byte for byte
+
+
+def _slice_pair_model():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    def const(name, value):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [1], [value]))
+
+    nodes = [const("s0", 0), const("e0", 4), const("s1", 4), const("e1", 8), const("ax", -1),
+             helper.make_node("Slice", ["x", "s0", "e0", "ax"], ["a"]),
+             helper.make_node("Slice", ["x", "s1", "e1", "ax"], ["b"]), helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+
+
+class _Program:
+    """The two members of torch.onnx.ONNXProgram that onnx_optimize uses."""
+
+    def __init__(self, model):
+        self.model, self.exporter_ran = model, False
+
+    def optimize(self):
+        from torch.onnx._internal.exporter import _onnx_program
+
+        self.exporter_ran = True
+        _onnx_program.ONNXProgram.optimize(self)
+
+
+def test_a_value_read_by_two_slices_gets_every_rule(monkeypatch):
+    import onnx_ir as ir
+
+    from fxptqat.lowering import onnx_optimize
+
+    program, expected = _Program(_slice_pair_model()), _Program(_slice_pair_model())
+    assert onnx_optimize._has_slice_pair(program.model)
+    expected.optimize()
+    seen = _applied_rules(monkeypatch)
+    assert onnx_optimize.optimize(program) == ("fast" if _checked_onnxscript() else "exporter")
+    assert program.exporter_ran is not _checked_onnxscript()
+    assert any(onnx_optimize.SKIPPED_RULE in rules for rules in seen)
+    assert ir.serde.serialize_model(program.model) == ir.serde.serialize_model(expected.model)
+
+
+def test_an_unchecked_onnxscript_falls_back_to_the_exporter(monkeypatch):
+    from fxptqat.lowering import onnx_optimize
+
+    monkeypatch.setattr(onnx_optimize, "CHECKED_VERSIONS", ("0.0",))
+    program = _Program(_slice_pair_model())
+    assert onnx_optimize.optimize(program) == "exporter" and program.exporter_ran
