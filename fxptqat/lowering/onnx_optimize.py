@@ -9,8 +9,8 @@ multi-output matcher, whose cost per attempt grows with the graph (8,776 attempt
 The rule can only match where one value feeds two ``Slice`` nodes, and none of the rules that run
 before it in a rewrite step creates a ``Slice``. :func:`optimize` runs the same pipeline as
 onnxscript's ``optimize_ir`` + ``onnx_fusions.fuse`` (what the exporter calls), and leaves that rule
-out of a rewrite step only when the graph has no such pair at that step: the result is the same
-model. It uses onnxscript internals (the default rule tuple, the constant-folding pass), so it runs
+out of a rewrite step only when the graph has no such pair at that step (a graph that has one when
+exported goes through ``program.optimize()`` itself): the result is the same model. It uses onnxscript internals (the default rule tuple, the constant-folding pass), so it runs
 only on the onnxscript versions it was checked against (``tests/test_lowering_onnx.py`` compares the
 two models node by node); on any other version, or if those internals moved, it calls the
 exporter's own ``program.optimize()``.
@@ -97,11 +97,16 @@ def _pipeline():
 
 def optimize(program) -> str:
     """Optimize a ``torch.onnx.ONNXProgram`` exported with ``optimize=False`` in place, the same way
-    ``program.optimize()`` does; returns which path ran (``"fast"`` or ``"exporter"``)."""
+    ``program.optimize()`` does; returns which path ran: ``"fast"``, or ``"exporter"`` (an onnxscript
+    version this module was not checked against, or a graph where one value feeds two Slices: a ViT's
+    q/k/v split has three; there the rule can match and the exporter's own code runs)."""
     try:
         passes, fuse = _pipeline()
     except (ImportError, AttributeError, TypeError) as e:
         log.info("ONNX optimization through the exporter (%s)", e)
+        program.optimize()
+        return "exporter"
+    if _has_slice_pair(program.model):  # the rule may apply: nothing to save, the exporter's own code runs
         program.optimize()
         return "exporter"
     passes(program.model)
