@@ -1,0 +1,129 @@
+"""The zoo's current state: the newest record of every model over all ``benchmarks/results/zoo*.json``.
+
+    python benchmarks/zoo_summary.py [--results DIR] [--md PATH] [--json PATH] [--no-list]
+
+The zoo runs one model per subprocess and takes hours at one thread, so its results come in several
+files, one per run (``zoo.py --json``); a model measured twice counts once, by its newest run (the
+``started`` time in each file's meta). This script reads them all, keeps that record per model, checks
+the set against every architecture ``zoo_models.all_models()`` lists (torchvision's registry and the
+timm selection) and writes a table (which run, at which commit, parity per runtime with coverage,
+graph breaks, fidelity gaps to PT2E) with the same summary lines as ``zoo.py``. It measures nothing:
+each figure is the one its run recorded, and the table says which commit that was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import zoo  # noqa: E402
+import zoo_models  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _started(meta: dict) -> datetime.datetime:
+    return datetime.datetime.strptime(meta["started"], "%a %b %d %H:%M:%S %Y")
+
+
+def newest_records(results: Path) -> dict[str, dict]:
+    """model -> its newest record, with ``run`` (file, label, commit, started, runtimes) added."""
+    newest: dict[str, tuple[datetime.datetime, dict]] = {}
+    for path in sorted(results.glob("zoo*.json")):
+        if path.name.startswith("zoo_summary"):
+            continue
+        data = json.loads(path.read_text())
+        meta = data["meta"]
+        when = _started(meta)
+        run = {"file": path.name, "label": meta.get("label", ""), "started": meta["started"],
+               "commit": (meta.get("fxptqat") or {}).get("git_head"), "cpu": meta.get("cpu"),
+               "runtimes": list(meta.get("runtimes", zoo.RUNTIMES))}
+        for rec in data["records"]:
+            if rec["model"] not in newest or when > newest[rec["model"]][0]:
+                newest[rec["model"]] = (when, {**rec, "run": run})
+    return {name: rec for name, (_, rec) in newest.items()}
+
+
+def _gap(ours, rec) -> str:
+    peer = rec["fidelity"].get("pt2e")
+    return "-" if not (ours and peer) else f"{ours['cosine_mean'] - peer['cosine_mean']:+.4f}"
+
+
+def _parity(rec: dict, runtime: str) -> str:
+    if runtime not in rec["run"]["runtimes"]:
+        return "not run"
+    r = rec["runtimes"].get(runtime) or {}
+    if "parity_ok" not in r:
+        return "-"
+    return f"{'ok' if r['parity_ok'] else 'FAIL'} {r.get('compared', '?')}/{r.get('weighted_nodes', '?')}"
+
+
+def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
+    names = sorted(records, key=lambda n: (zoo_models.source_of(n), n))
+    lines = ["# Model zoo, newest record per model (`python benchmarks/zoo_summary.py`)", "",
+             "Each row is the newest run of that model over `benchmarks/results/zoo*.json` (run = the file's label "
+             "and start time; commit = fxptqat's git HEAD in that run). Gaps are mean logit cosine to FP32 minus "
+             "PT2E's (X86InductorQuantizer) on the same model, images and calibration.", "",
+             "| model | run | commit | parity torch | parity ort | parity inductor | graph breaks | "
+             "weighted ort - PT2E | default - PT2E |", "|---" * 9 + "|"]
+    for name in names:
+        rec = records[name]
+        run = rec["run"]
+        breaks = (rec.get("dynamo") or {}).get("graph_breaks", "-") if rec["traced"] else "-"
+        status = "" if rec["status"] == "ok" else f" ({rec['status']})"
+        lines.append(
+            f"| {name}{status} | {run['label'] or run['file']} ({run['started'][4:16]}) | {run['commit'] or '-'} | "
+            + " | ".join(_parity(rec, r) for r in zoo.RUNTIMES)
+            + f" | {breaks} | {_gap((rec['runtimes'].get('onnxruntime') or {}).get('cosine_vs_fp32'), rec)} | "
+            f"{_gap(rec['fidelity'].get('fxptqat'), rec)} |")
+    lines += ["", "Summary:", "", *zoo.summary([records[n] for n in names], zoo.RUNTIMES)]
+    gaps = sorted((o["cosine_mean"] - p["cosine_mean"], n, p["cosine_mean"]) for n in names
+                  if (o := (records[n]["runtimes"].get("onnxruntime") or {}).get("cosine_vs_fp32"))
+                  and (p := records[n]["fidelity"].get("pt2e")))
+    if gaps:
+        lines.append("- Weighted onnxruntime - PT2E, distribution: " + ", ".join(
+            f">= {t:g}: {sum(g >= t for g, _, _ in gaps)}/{len(gaps)}" for t in (0, -1e-4, -1e-3, -1e-2))
+            + "; more than 0.01 below: " + (", ".join(f"{n} {g:+.4f} (PT2E's own cosine {p:.3f})"
+                                                     for g, n, p in gaps if g < -1e-2) or "none") + ".")
+    partial = [n for n in names if set(records[n]["run"]["runtimes"]) != set(zoo.RUNTIMES)]
+    if partial:
+        lines.append(f"- Runs without every runtime: {', '.join(partial)}.")
+    if expected is not None:
+        missing = [n for n in expected if n not in records]
+        lines.append(f"- Architectures listed by `zoo_models.all_models()`: {len(expected)}; with a record: "
+                     f"{len(expected) - len(missing)}" + (f"; without: {', '.join(missing)}" if missing else "") + ".")
+    commits = sorted({r["run"]["commit"] or "-" for r in records.values()})
+    lines.append(f"- Records come from {len({r['run']['file'] for r in records.values()})} runs at "
+                 f"{len(commits)} commits ({', '.join(commits)}).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--md", type=Path, help="default RESULTS/zoo_summary.md")
+    p.add_argument("--json", type=Path, help="default RESULTS/zoo_summary.json")
+    p.add_argument("--no-list", action="store_true", help="do not import torchvision/timm to list the architectures")
+    args = p.parse_args(argv)
+    records = newest_records(args.results)
+    if not records:
+        print(f"no zoo*.json records under {args.results}", file=sys.stderr)
+        return 1
+    expected = None if args.no_list else zoo_models.all_models()
+    text = markdown(records, expected)
+    (args.md or args.results / "zoo_summary.md").write_text(text)
+    (args.json or args.results / "zoo_summary.json").write_text(json.dumps(
+        {"models": {n: {"run": r["run"], "status": r["status"], "traced": r["traced"],
+                        "full_parity": zoo.full_parity(r, zoo.RUNTIMES) if r["traced"] else None}
+                    for n, r in sorted(records.items())}}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

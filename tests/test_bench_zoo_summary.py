@@ -1,0 +1,76 @@
+"""``benchmarks/zoo_summary.py``: the newest record per model over several zoo runs, and what it counts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def summary():
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("zoo_summary", BENCH / "zoo_summary.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _rt(ok=True, compared=3, weighted=3, cosine=0.9):
+    return {"parity_ok": ok, "coverage": compared / weighted, "compared": compared, "weighted_nodes": weighted,
+            "cosine_vs_fp32": {"cosine_mean": cosine, "cosine_min": cosine}}
+
+
+def _record(model, *, ok=True, ort=0.9, pt2e=0.9, breaks=0):
+    cos = {"cosine_mean": pt2e, "cosine_min": pt2e}
+    return {"model": model, "source": "torchvision", "status": "ok", "params": 1000, "traced": True, "errors": [],
+            "runtimes": {"torch": _rt(ok), "onnxruntime": _rt(cosine=ort), "inductor": _rt()},
+            "dynamo": {"graph_breaks": breaks, "graphs": 1, "reasons": []},
+            "fidelity": {"fxptqat": cos, "fxptqat_fake_quant": cos, "pt2e": cos, "fx_default": None},
+            "timings_s": {"total": 1.0}}
+
+
+def _run_file(path, started, commit, records):
+    meta = {"started": started, "label": commit, "fxptqat": {"git_head": commit}, "cpu": "test",
+            "runtimes": ["torch", "onnxruntime", "inductor"]}
+    path.write_text(json.dumps({"meta": meta, "records": records}))
+
+
+def test_the_newest_record_of_each_model_counts(summary, tmp_path):
+    # the older run has resnet18 failing parity and 2 graph breaks; the newer one fixed both
+    _run_file(tmp_path / "zoo_old.json", "Mon Nov 30 09:04:51 2026", "aaa",
+              [_record("resnet18", ok=False, breaks=2), _record("vgg11", ort=0.85, pt2e=0.9)])
+    _run_file(tmp_path / "zoo_new.json", "Tue Dec  1 04:00:00 2026", "bbb", [_record("resnet18", ort=0.95)])
+    records = summary.newest_records(tmp_path)
+    assert records["resnet18"]["run"]["commit"] == "bbb" and records["vgg11"]["run"]["commit"] == "aaa"
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    assert summary.main(["--results", str(tmp_path), "--no-list", "--md", str(md), "--json", str(js)]) == 0
+    text = md.read_text()
+    assert "at full coverage: 2/2 traced models" in text
+    assert "2/2 models without a graph break" in text
+    assert "more than 0.01 below: vgg11 -0.0500" in text
+    assert ">= 0: 1/2" in text and "Records come from 2 runs at 2 commits (aaa, bbb)" in text
+    assert json.loads(js.read_text())["models"]["resnet18"]["full_parity"] is True
+    assert not (tmp_path / "zoo_summary.json").exists()  # written where asked
+
+
+def test_a_failing_or_partial_record_is_shown(summary, tmp_path):
+    _run_file(tmp_path / "zoo_a.json", "Mon Nov 30 09:04:51 2026", "aaa",
+              [_record("resnet18", ok=False), {**_record("alexnet"), "runtimes": {"torch": _rt(compared=2)}}])
+    text = summary.markdown(summary.newest_records(tmp_path), expected=["resnet18", "alexnet", "vgg11"])
+    assert "FAIL 3/3" in text and "ok 2/3" in text
+    assert "at full coverage: 0/2 traced models" in text
+    assert "with a record: 2; without: vgg11" in text
+
+
+def test_no_results_is_an_error(summary, tmp_path, capsys):
+    assert summary.main(["--results", str(tmp_path), "--no-list"]) == 1
+    assert "no zoo" in capsys.readouterr().err
