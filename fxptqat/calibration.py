@@ -1,16 +1,20 @@
-"""Post-training calibration: observe every quantizer over batches of the float network, then freeze."""
+"""Post-training calibration: observe every quantizer over batches of the float network, then freeze;
+with ``QuantConfig(bias_correction=True)``, then correct every weighted node's bias
+(:mod:`fxptqat.bias_correction`)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
 
 from fxptqat.passes.freeze_quantizers import freeze_quantizers, observe_only
 
-from . import distributed
+from . import distributed, meta
+from .bias_correction import correct_bias
 from .errors import CalibrationError
 from .fake_quantize import FakeQuantize
 from .inputs import iter_batches
@@ -18,10 +22,17 @@ from .interpreter import CheckedInterpreter
 
 __all__ = ["run_calibration"]
 
+log = logging.getLogger(__name__)
+
 
 def run_calibration(qat: fx.GraphModule, batches: Iterable) -> int:
     """Observe over ``batches`` (statistics reduced across torch.distributed ranks), then freeze
-    every quantizer; returns the batches seen. A failed call leaves the quantizers as they were."""
+    every quantizer; returns the batches seen. A failed call leaves the quantizers (and biases) as
+    they were."""
+    info = meta.graph_info(qat)
+    bias_correction = info is not None and info.config.bias_correction
+    if bias_correction and isinstance(batches, Iterator):  # a one-shot iterator: both passes need the batches
+        batches = list(batches)
     distributed.check_observers(qat)  # refuse what cannot be reduced before running any batch
     was_training = qat.training
     saved = _quantizer_state(qat)
@@ -45,6 +56,14 @@ def run_calibration(qat: fx.GraphModule, batches: Iterable) -> int:
     finally:
         qat.train(was_training)
     freeze_quantizers(qat)
+    if bias_correction:
+        try:
+            done = correct_bias(qat, batches)  # applies nothing unless it completes
+        except BaseException:
+            _restore_quantizer_state(qat, saved)
+            raise
+        log.info("bias correction: %d weighted node(s) corrected, %d left alone%s", len(done.corrected),
+                 len(done.skipped), f" ({next(iter(done.skipped.values()))}, ...)" if done.skipped else "")
     return seen
 
 

@@ -92,6 +92,13 @@ class QuantConfig:
         or better fidelity than minmax on every model measured, benchmarks/fidelity_probe.py);
         "ao_histogram": torch.ao's ``HistogramObserver`` itself, whose result
         depends on the order of the batches and which calibration refuses under torch.distributed.
+    bias_correction: after calibration has fixed every quantizer, one more pass over the same batches
+        measures, per output channel of every conv/linear, the mean shift that rounding its weights
+        causes on the (quantized) calibration inputs, and adds it to the layer's bias (a fused
+        BatchNorm's bias): empirical bias correction (Nagel et al. 2019), as OpenVINO and AIMET run by
+        default (:mod:`fxptqat.bias_correction`). Improves output fidelity most where channels sum few
+        weights (depthwise / grouped convs) and at low weight bits. A layer without a bias parameter
+        is left alone (no parameter is ever added).
     leaf_modules: module classes (or qualified names) that tracing keeps as opaque calls.
     concrete_args: passed to ``torch.fx.Tracer.trace`` to specialise arguments (e.g. flags).
     """
@@ -103,6 +110,7 @@ class QuantConfig:
     reduce_range: bool = False
     quantized_ops: str = "all"
     act_observer: str = "minmax"
+    bias_correction: bool = False
     leaf_modules: tuple[type[nn.Module] | str, ...] = ()
     concrete_args: Mapping[str, Any] | None = None
 
@@ -120,7 +128,7 @@ class QuantConfig:
                 f"{owner}: act_bits={self.act_bits!r} is not supported: use 8 (INT8 activations) "
                 "or None (weight-only, float activations)."
             )
-        for name in ("per_channel", "reduce_range"):
+        for name in ("per_channel", "reduce_range", "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{owner}: {name} must be True or False, got {getattr(self, name)!r}.")
         _choice(owner, "engine", self.engine, ENGINES)

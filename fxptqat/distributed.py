@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .fake_quantize import FakeQuantize
 from .stats import RunningError
 
-__all__ = ["active", "sum_int", "check_observers", "reduce_observers", "reduce_running"]
+__all__ = ["active", "sum_int", "sum_tensors", "check_observers", "reduce_observers", "reduce_running"]
 
 
 def active() -> bool:
@@ -32,6 +32,20 @@ def sum_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return int(t.item())
+
+
+def sum_tensors(tensors: list[torch.Tensor], counts: list[int]) -> tuple[list[torch.Tensor], list[int]]:
+    """Element-wise sums over ranks of float64 tensors (the same shapes on every rank) and of counts,
+    in one all_reduce; the inputs unchanged outside torch.distributed."""
+    if not active():
+        return tensors, counts
+    flat = torch.cat([t.reshape(-1) for t in tensors] + [torch.tensor(counts, dtype=torch.float64)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start:start + t.numel()].reshape(t.shape))
+        start += t.numel()
+    return out, [int(c) for c in flat[start:].tolist()]
 
 
 def check_observers(gm: fx.GraphModule) -> None:
