@@ -7,7 +7,8 @@ Per model (``zoo_models.py`` builds it with random weights, re-initialises all-z
 re-estimates BatchNorm statistics; inputs ``torch.randn`` at ``--image-size``, batch 8, fixed seeds):
 
 1. ``QuantConfig(weight_bits=8, act_bits=8)``: ``prepare`` -> ``calibrate`` -> ``measure_error`` ->
-   ``select_trainable(policy=Adaptive())`` -> ``lower()`` (runtime "torch") -> ``check_parity``.
+   ``select_trainable(policy=Adaptive())`` -> ``lower()`` (runtime "torch") -> ``check_parity``, and
+   ``torch._dynamo.explain`` of the QAT graph (only when ``--runtimes`` includes "torch").
 2. fxptqat's accuracy recipe, ``quantized_ops="weighted"`` (the ops PT2E's X86InductorQuantizer
    quantizes) with ``act_observer="histogram"`` and ``bias_correction=True`` (the record's
    ``weighted_recipe``; records before it was added ran without bias correction): ``prepare`` ->
@@ -149,7 +150,9 @@ def run_fxptqat(step: Recorder, s: Settings, model, calib, x, ref) -> None:
     from fxptqat.lowering import exact_u8s8_kernels
 
     rec, parity_batches = step.rec, calib[: s.parity_batches]
-    qat = _prepare(step, model, calib)
+    # the default recipe (measure_error, selection, the torch runtime, torch.compile's graph breaks)
+    # runs with runtime "torch"; --runtimes without it measures the weighted recipe alone
+    qat = _prepare(step, model, calib) if "torch" in s.runtimes else None
     if qat is not None:
         report = step("measure_error", fq.measure_error, qat, calib)
         sel = None if report is None else step("select_trainable", fq.select_trainable, qat, report,
