@@ -188,6 +188,8 @@ RECIPES = {
     "fxptqat_ao_histogram": fxptqat_recipe(act_observer="ao_histogram"),
     "fxptqat_weighted_minmax": fxptqat_recipe(quantized_ops="weighted", act_observer="minmax"),
     "fxptqat_weighted_histogram": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram"),
+    "fxptqat_weighted_histogram_bc": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram",
+                                                    bias_correction=True),
     "fxptqat_weighted_ao_histogram": fxptqat_recipe(quantized_ops="weighted", act_observer="ao_histogram"),
     "fxptqat_minmax_pertensor": fxptqat_recipe(act_observer="minmax", per_channel=False),
     "pt2e": pt2e_recipe(),

@@ -14,6 +14,8 @@ each figure is the one its run recorded, and the table says which commit that wa
 from __future__ import annotations
 
 import argparse
+import collections
+import copy
 import datetime
 import json
 import sys
@@ -32,8 +34,12 @@ def _started(meta: dict) -> datetime.datetime:
 
 
 def newest_records(results: Path) -> dict[str, dict]:
-    """model -> its newest record, with ``run`` (file, label, commit, started, runtimes) added."""
-    newest: dict[str, tuple[datetime.datetime, dict]] = {}
+    """model -> its newest record, with ``run`` (file, label, commit, started, runtimes) added.
+
+    A runtime the newest run did not measure (``zoo.py --runtimes`` a subset) comes from the newest
+    earlier run of that model that did, listed in the record's ``filled`` (runtime -> that run); with
+    runtime "torch" go the default recipe's other figures (its fidelity, selection, graph breaks)."""
+    runs: dict[str, list[tuple[datetime.datetime, dict]]] = {}
     for path in sorted(results.glob("zoo*.json")):
         if path.name.startswith("zoo_summary"):
             continue
@@ -44,9 +50,31 @@ def newest_records(results: Path) -> dict[str, dict]:
                "commit": (meta.get("fxptqat") or {}).get("git_head"), "cpu": meta.get("cpu"),
                "runtimes": list(meta.get("runtimes", zoo.RUNTIMES))}
         for rec in data["records"]:
-            if rec["model"] not in newest or when > newest[rec["model"]][0]:
-                newest[rec["model"]] = (when, {**rec, "run": run})
-    return {name: rec for name, (_, rec) in newest.items()}
+            runs.setdefault(rec["model"], []).append((when, {**rec, "run": run}))
+    return {name: _fill(sorted(recs, key=lambda r: r[0], reverse=True)) for name, recs in runs.items()}
+
+
+def _fill(recs: list[tuple[datetime.datetime, dict]]) -> dict:
+    newest = copy.deepcopy(recs[0][1])
+    newest["filled"] = {}
+    if not newest.get("traced"):
+        return newest
+    for runtime in zoo.RUNTIMES:
+        if runtime in newest["run"]["runtimes"]:
+            continue
+        older = next((r for _, r in recs[1:] if runtime in r["run"]["runtimes"] and r.get("runtimes", {}).get(runtime)),
+                     None)
+        if older is None:
+            continue
+        newest["runtimes"][runtime] = older["runtimes"][runtime]
+        newest["filled"][runtime] = older["run"]
+        if runtime == "torch":  # the default recipe's figures come from the same run
+            for key in ("fxptqat", "fxptqat_fake_quant"):
+                newest["fidelity"][key] = older["fidelity"].get(key)
+            newest["selection"], newest["dynamo"] = older.get("selection"), older.get("dynamo")
+    newest["run"] = {**newest["run"], "runtimes": sorted({*newest["run"]["runtimes"], *newest["filled"]},
+                                                          key=zoo.RUNTIMES.index)}
+    return newest
 
 
 def _gap(ours, rec) -> str:
@@ -60,7 +88,8 @@ def _parity(rec: dict, runtime: str) -> str:
     r = rec["runtimes"].get(runtime) or {}
     if "parity_ok" not in r:
         return "-"
-    return f"{'ok' if r['parity_ok'] else 'FAIL'} {r.get('compared', '?')}/{r.get('weighted_nodes', '?')}"
+    older = "*" if runtime in rec.get("filled", {}) else ""
+    return f"{'ok' if r['parity_ok'] else 'FAIL'} {r.get('compared', '?')}/{r.get('weighted_nodes', '?')}{older}"
 
 
 def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
@@ -75,12 +104,13 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
         rec = records[name]
         run = rec["run"]
         breaks = (rec.get("dynamo") or {}).get("graph_breaks", "-") if rec["traced"] else "-"
+        breaks = f"{breaks}*" if "torch" in rec.get("filled", {}) and breaks != "-" else breaks
         status = "" if rec["status"] == "ok" else f" ({rec['status']})"
         lines.append(
             f"| {name}{status} | {run['label'] or run['file']} ({run['started'][4:16]}) | {run['commit'] or '-'} | "
             + " | ".join(_parity(rec, r) for r in zoo.RUNTIMES)
             + f" | {breaks} | {_gap((rec['runtimes'].get('onnxruntime') or {}).get('cosine_vs_fp32'), rec)} | "
-            f"{_gap(rec['fidelity'].get('fxptqat'), rec)} |")
+            f"{_gap(rec['fidelity'].get('fxptqat'), rec)}{'*' if 'torch' in rec.get('filled', {}) else ''} |")
     lines += ["", "Summary:", "", *zoo.summary([records[n] for n in names], zoo.RUNTIMES)]
     gaps = sorted((o["cosine_mean"] - p["cosine_mean"], n, p["cosine_mean"]) for n in names
                   if (o := (records[n]["runtimes"].get("onnxruntime") or {}).get("cosine_vs_fp32"))
@@ -90,6 +120,16 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
             f">= {t:g}: {sum(g >= t for g, _, _ in gaps)}/{len(gaps)}" for t in (0, -1e-4, -1e-3, -1e-2))
             + "; more than 0.01 below: " + (", ".join(f"{n} {g:+.4f} (PT2E's own cosine {p:.3f})"
                                                      for g, n, p in gaps if g < -1e-2) or "none") + ".")
+    filled = collections.Counter(rt for n in names for rt in records[n].get("filled", {}))
+    if filled:
+        lines.append("- Cells marked * come from the newest earlier run of that model that measured them (its newest run "
+                     "did not): " + ", ".join(f"{rt} on {k} models" for rt, k in sorted(filled.items())) + "; "
+                     "with torch go the default recipe's fidelity and the graph breaks.")
+    recipes = collections.Counter(json.dumps(records[n].get("weighted_recipe")) for n in names if records[n]["traced"])
+    if recipes:
+        lines.append("- Weighted recipe of the onnxruntime figures: " + ", ".join(
+            f"{'before `weighted_recipe` was recorded (no bias correction)' if r == 'null' else r} on {k} models"
+            for r, k in recipes.most_common()) + ".")
     partial = [n for n in names if set(records[n]["run"]["runtimes"]) != set(zoo.RUNTIMES)]
     if partial:
         lines.append(f"- Runs without every runtime: {', '.join(partial)}.")
@@ -119,7 +159,8 @@ def main(argv=None) -> int:
     (args.md or args.results / "zoo_summary.md").write_text(text)
     (args.json or args.results / "zoo_summary.json").write_text(json.dumps(
         {"models": {n: {"run": r["run"], "status": r["status"], "traced": r["traced"],
-                        "full_parity": zoo.full_parity(r, zoo.RUNTIMES) if r["traced"] else None}
+                        "full_parity": zoo.full_parity(r, zoo.RUNTIMES) if r["traced"] else None,
+                        "filled_from": {rt: run["file"] for rt, run in r.get("filled", {}).items()}}
                     for n, r in sorted(records.items())}}, indent=1))
     print(text)
     return 0

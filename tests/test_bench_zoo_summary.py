@@ -38,9 +38,9 @@ def _record(model, *, ok=True, ort=0.9, pt2e=0.9, breaks=0):
             "timings_s": {"total": 1.0}}
 
 
-def _run_file(path, started, commit, records):
+def _run_file(path, started, commit, records, runtimes=("torch", "onnxruntime", "inductor")):
     meta = {"started": started, "label": commit, "fxptqat": {"git_head": commit}, "cpu": "test",
-            "runtimes": ["torch", "onnxruntime", "inductor"]}
+            "runtimes": list(runtimes)}
     path.write_text(json.dumps({"meta": meta, "records": records}))
 
 
@@ -69,6 +69,31 @@ def test_a_failing_or_partial_record_is_shown(summary, tmp_path):
     assert "FAIL 3/3" in text and "ok 2/3" in text
     assert "at full coverage: 0/2 traced models" in text
     assert "with a record: 2; without: vgg11" in text
+
+
+def test_a_runtime_the_newest_run_skipped_comes_from_an_earlier_run(summary, tmp_path):
+    old = _record("resnet18", breaks=3, ort=0.8)
+    old["runtimes"]["inductor"] = _rt(compared=2)
+    old["fidelity"]["fxptqat"] = {"cosine_mean": 0.7, "cosine_min": 0.7}
+    _run_file(tmp_path / "zoo_old.json", "Mon Nov 30 09:04:51 2026", "aaa", [old])
+    new = {**_record("resnet18", ort=0.95), "dynamo": None, "weighted_recipe": {"bias_correction": True}}
+    new["runtimes"] = {"onnxruntime": new["runtimes"]["onnxruntime"]}
+    new["fidelity"] = {**new["fidelity"], "fxptqat": None, "fxptqat_fake_quant": None}
+    _run_file(tmp_path / "zoo_new.json", "Tue Dec  1 04:00:00 2026", "bbb", [new, _record("vgg11")],
+              runtimes=("onnxruntime",))
+    records = summary.newest_records(tmp_path)
+    rec = records["resnet18"]
+    assert rec["run"]["commit"] == "bbb" and set(rec["filled"]) == {"torch", "inductor"}
+    assert rec["runtimes"]["onnxruntime"]["cosine_vs_fp32"]["cosine_mean"] == 0.95  # the newest run's
+    assert rec["runtimes"]["inductor"]["compared"] == 2 and rec["dynamo"]["graph_breaks"] == 3  # the earlier run's
+    assert rec["fidelity"]["fxptqat"]["cosine_mean"] == 0.7
+    assert records["vgg11"]["filled"] == {}  # nothing earlier to fill from: not run
+    text = summary.markdown(records, expected=None)
+    row = next(line for line in text.splitlines() if line.startswith("| resnet18"))
+    assert "ok 3/3* | ok 3/3 | ok 2/3* | 3* | +0.0500 | -0.2000* |" in row
+    assert "| vgg11 |" in text and "not run" in next(line for line in text.splitlines() if line.startswith("| vgg11"))
+    assert "Cells marked * come from" in text and "inductor on 1 models, torch on 1 models" in text
+    assert '{"bias_correction": true} on 1 models' in text and "no bias correction" in text
 
 
 def test_no_results_is_an_error(summary, tmp_path, capsys):
