@@ -93,8 +93,9 @@ def correct_bias(qat: fx.GraphModule, batches: Iterable) -> BiasCorrection:
     was_training = qat.training
     qat.eval()
     try:
-        for args in iter_batches(batches, qat, what="calibrate() (bias correction)"):
-            recorder.run(*args)
+        with torch.no_grad():
+            for args in iter_batches(batches, qat, what="calibrate() (bias correction)"):
+                recorder.run(*args)
     finally:
         qat.train(was_training)
     names = sorted(targets)
@@ -105,14 +106,23 @@ def correct_bias(qat: fx.GraphModule, batches: Iterable) -> BiasCorrection:
     if sum(counts) == 0:
         raise CalibrationError("calibrate(): bias correction saw no batch; give the same non-empty batches "
                                "as for calibration (a one-shot iterator is read once: pass a list).")
+    # nodes that call one module (fxptqat splits shared weighted modules; a capture that does not)
+    # share its bias: one shift, the mean over all their calls
+    by_param: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        by_param.setdefault(params[name], []).append(i)
     corrected = {}
     with torch.no_grad():
-        for name, total, count in zip(names, sums, counts, strict=True):
+        for param, members in by_param.items():
+            count = sum(counts[i] for i in members)
             if count < MIN_VALUES:
-                skipped[name] = f"{count} values per channel in the batches (bias correction needs {MIN_VALUES})"
+                for i in members:
+                    skipped[names[i]] = (f"{count} values per channel in the batches (bias correction needs "
+                                         f"{MIN_VALUES})")
                 continue
-            bias = qat.get_parameter(params[name])
-            shift = (total / count).to(bias.dtype)
+            bias = qat.get_parameter(param)
+            shift = (sum(sums[i] for i in members) / count).to(bias.dtype)
             bias.add_(shift)
-            corrected[name] = float(shift.abs().max())
+            for i in members:
+                corrected[names[i]] = float(shift.abs().max())
     return BiasCorrection(corrected, skipped)

@@ -24,7 +24,7 @@ from fxptqat.interpreter import _weights_float
 from fxptqat.testing import traceable_models
 
 sys.path.insert(0, os.path.dirname(__file__))
-from helpers import TwoCats, examples, make_small_net  # noqa: E402
+from helpers import Twice, TwoCats, examples, make_small_net  # noqa: E402
 
 
 class Depthwise(nn.Module):
@@ -75,7 +75,8 @@ def _bias_params(qat):
 def _mean_shifts(qat, data):
     """node name -> mean over the batches of (pre-activation with float weights - with quantized
     weights) per output channel, on the inputs the quantized network gives each node; computed with
-    forward pre-hooks on an eager run (independently of bias_correction's interpreter)."""
+    forward pre-hooks on an eager run (independently of bias_correction's interpreter; one hook per
+    module, so for graphs whose weighted nodes each call their own module, as fxptqat's capture makes them)."""
     inputs, hooks = {}, []
     nodes = {node.name: (node, info) for node, info in meta.quantized_nodes(qat)}
     for name, (node, _) in nodes.items():
@@ -184,6 +185,40 @@ def test_layers_without_a_bias_are_skipped_with_the_reason():
     assert done.corrected == {}
     assert len(done.skipped) == 3 and all("no bias parameter" in why for why in done.skipped.values())
     assert dict(qat.named_parameters()).keys() == params.keys()
+
+
+def test_nodes_that_call_one_module_share_one_shift():
+    # fxptqat's capture splits a shared weighted module; a graph where two nodes still call one module
+    # (made here by hand) gets one shift for its bias: the mean over both calls
+    data = _batches(2, (64, 4), seed=12)
+    qat = _calibrated(Twice(), data, weight_bits=3)
+    second = next(n for n, _ in meta.quantized_nodes(qat) if n.target == "l_call1")
+    second.target = "l"
+    meta.update_node_info(second, source="l", weight="l.weight", weight_quantizer="l.weight_fake_quant")
+    qat.recompile()
+    calls = []  # module l's inputs in call order: per batch, the first node's call then the second's
+    hook = qat.get_submodule("l").register_forward_pre_hook(lambda m, a: calls.append(a))
+    with torch.no_grad():
+        for args in data:
+            qat.eval()(*args)
+    hook.remove()
+    assert len(calls) == 2 * len(data)
+    module, quantizer = qat.get_submodule("l"), qat.get_submodule("l.weight_fake_quant")
+
+    def shift(inputs):
+        with torch.no_grad():
+            q = torch.cat([pre_activation(module, *a) for a in inputs]).double()
+            with _weights_float(quantizer):
+                f = torch.cat([pre_activation(module, *a) for a in inputs]).double()
+        return (f - q).mean(0), q.shape[0]
+
+    (m1, c1), (m2, c2) = shift(calls[0::2]), shift(calls[1::2])
+    before = qat.get_parameter("l.bias").clone()
+    done = correct_bias(qat, data)
+    assert done.corrected["l"] == done.corrected["l_call1"] and "h" in done.corrected
+    torch.testing.assert_close(qat.get_parameter("l.bias") - before, ((m1 * c1 + m2 * c2) / (c1 + c2)).float(),
+                               rtol=1e-5, atol=1e-7)
+    assert float((m1 - m2).abs().max()) > 1e-4  # the two calls' shifts differ: the mean is not either one
 
 
 def test_channels_with_too_few_values_are_left_alone():
