@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from . import distributed, meta
-from .capture.fused import output_shift, pre_activation
+from .capture.fused import has_fused_activation, output_shift, pre_activation
 from .errors import CalibrationError
 from .inputs import iter_batches
 from .interpreter import CheckedInterpreter, _weights_float
@@ -59,7 +59,7 @@ class _ShiftRecorder(CheckedInterpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             module = self.fetch_attr(n.target)
             with torch.no_grad():
-                quantized = pre_activation(module, *args, **kwargs)
+                quantized = pre_activation(module, *args, **kwargs) if has_fused_activation(module) else value
                 with _weights_float(self.fetch_attr(target[0])):
                     unquantized = pre_activation(module, *args, **kwargs)
             diff = (unquantized.double() - quantized.double()).movedim(target[1], 0)

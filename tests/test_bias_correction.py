@@ -351,3 +351,31 @@ def test_property_only_bias_parameters_move_by_the_measured_shift(pair):
             torch.testing.assert_close(added, shift.to(added.dtype), rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         assert torch.isfinite(corrected.eval()(x)).all()
+
+
+# -- the capture's part: pre-activation outputs and where a shift goes ------------------------------------
+def test_pre_activation_and_output_shift_of_each_fused_module_kind():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 8), nn.ReLU(),
+                          nn.Linear(8, 3)).eval()
+    x = torch.randn(16, 2, 6, 6)
+    qat = _calibrated(model, [(x,)])
+    kinds = {}
+    inputs = {}
+    for node, info in meta.quantized_nodes(qat):
+        module = qat.get_submodule(node.target)
+        module.register_forward_pre_hook(lambda m, a, name=node.name: inputs.setdefault(name, a))
+        kinds[node.name] = (info.module_type, output_shift(module))
+    with torch.no_grad():
+        qat.eval()(x)
+    assert sorted(kinds.values()) == [("ConvBn2d", ("bn.bias", 1)), ("ConvBnReLU2d", ("bn.bias", 1)),
+                                      ("ConvReLU2d", ("bias", 1)), ("Linear", ("bias", -1)),
+                                      ("LinearReLU", ("bias", -1))]
+    with torch.no_grad():
+        for node, _ in meta.quantized_nodes(qat):
+            module = qat.get_submodule(node.target)
+            pre, out = pre_activation(module, *inputs[node.name]), module(*inputs[node.name])
+            if "ReLU" in kinds[node.name][0]:
+                assert (pre < 0).any() and torch.equal(torch.relu(pre), out)
+            else:
+                assert torch.equal(pre, out)

@@ -16,7 +16,7 @@ from torch.ao.nn import intrinsic as nni
 from torch.ao.nn import qat as nnqat
 from torch.ao.nn.intrinsic import qat as nniqat
 
-__all__ = ["pre_activation", "output_shift"]
+__all__ = ["pre_activation", "has_fused_activation", "output_shift"]
 
 # fused QAT module -> the class whose forward is the same computation without the trailing ReLU
 _WITHOUT_RELU: dict[type, type] = {
@@ -42,6 +42,11 @@ def pre_activation(module: nn.Module, *args, **kwargs) -> torch.Tensor:
     if parent is not None:
         return parent.forward(module, *args, **kwargs)
     return module(*args, **kwargs)
+
+
+def has_fused_activation(module: nn.Module) -> bool:
+    """Whether the module's output is not its pre-activation output (a fused ReLU follows)."""
+    return type(module) in _WITHOUT_RELU
 
 
 def output_shift(module: nn.Module) -> tuple[str, int] | None:
