@@ -367,8 +367,11 @@ def summary(records: list[dict], runtimes) -> list[str]:
     lines.append("- Errors (step: type x models): " + (", ".join(f"{k} x{n}" for k, n in errors.most_common()) or "none"))
     lines += _vs_pt2e(traced, "fxptqat INT8 (default recipe, runtime torch)", lambda r: r["fidelity"]["fxptqat"])
     for rt in (r for r in runtimes if r != "torch"):
-        lines += _vs_pt2e(traced, f"fxptqat weighted recipe on {rt}",
-                          lambda r, rt=rt: (r["runtimes"].get(rt) or {}).get("cosine_vs_fp32"))
+        reduced = sum(bool(r.get("inductor_reduce_range")) and bool(r["runtimes"].get(rt)) for r in traced)
+        what = f"fxptqat weighted recipe on {rt}" + (
+            f" (7-bit activations, `reduce_range=True`, on {reduced} models: their CPU has no AVX-512 VNNI)"
+            if rt == "inductor" and reduced else "")
+        lines += _vs_pt2e(traced, what, lambda r, rt=rt: (r["runtimes"].get(rt) or {}).get("cosine_vs_fp32"))
     return lines
 
 

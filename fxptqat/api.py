@@ -66,7 +66,9 @@ def prepare(
 
 
 def calibrate(qat: fx.GraphModule, batches: Iterable) -> int:
-    """PTQ: observe min/max over ``batches`` (float network), then freeze every quantizer.
+    """PTQ: observe min/max over ``batches`` (float network), then freeze every quantizer; with
+    ``QuantConfig(bias_correction=True)`` a second pass over the same batches then corrects each
+    weighted layer's bias (:mod:`fxptqat.bias_correction`). A failure leaves the graph as it was.
 
     Returns the number of batches seen.
     """
