@@ -68,6 +68,8 @@ def _fill(recs: list[tuple[datetime.datetime, dict]]) -> dict:
             continue
         newest["runtimes"][runtime] = older["runtimes"][runtime]
         newest["filled"][runtime] = older["run"]
+        if runtime == "inductor":  # whether that run's inductor lowering had 7-bit activations
+            newest["inductor_reduce_range"] = older.get("inductor_reduce_range")
         if runtime == "torch":  # the default recipe's figures come from the same run
             for key in ("fxptqat", "fxptqat_fake_quant"):
                 newest["fidelity"][key] = older["fidelity"].get(key)
