@@ -231,13 +231,15 @@ def _run_built(step: Recorder, s: Settings, model, source: str, size: int) -> No
                               f"estimated peak memory {rec['params'] * BYTES_PER_PARAM / 2**30:.0f} GiB "
                               f"({BYTES_PER_PARAM} bytes per parameter, the most measured on smaller models)")
         return
-    calib = zm.inputs(s.batch, size, seed=1, n=s.calib_batches)
-    rec["signal"] = step("give_signal", zm.give_signal, model, zm.inputs(s.batch, size, seed=2, n=s.calib_batches))
-    x = zm.inputs(s.batch, size, seed=3, n=1)[0][0]
+    data = zm.benchmark_data(s.batch, size, s.calib_batches)
+    calib, x = data["calib"], data["x"]
+    rec["signal"] = step("give_signal", zm.give_signal, model, data["signal"])
     ref = step("eval_fp32", zm.evaluate, model, x)
     if ref is None:
         rec["status"] = "failed"
         return
+    if rec["signal"] is not None:
+        rec["signal"]["logit_norm_spread"] = step("fp32_conditioning", zm.logit_norm_spread, model, [*calib, (x,)])
     ref = zm.logits(ref)
     run_fxptqat(step, s, model, calib, x, ref)
     for peer, fn in zm.PEERS.items():

@@ -122,6 +122,40 @@ def inputs(batch: int, size: int, seed: int, n: int) -> list[tuple[torch.Tensor]
     return [(torch.randn(batch, 3, size, size, generator=gen),) for _ in range(n)]
 
 
+def benchmark_data(batch: int, size: int, calib_batches: int) -> dict:
+    """The zoo's images, from fixed seeds: ``calib`` (calibration), ``signal`` (BatchNorm
+    re-estimation, :func:`give_signal`) and ``x`` (the evaluation batch), all disjoint."""
+    return {"calib": inputs(batch, size, seed=1, n=calib_batches),
+            "signal": inputs(batch, size, seed=2, n=calib_batches),
+            "x": inputs(batch, size, seed=3, n=1)[0][0]}
+
+
+# A float reference whose logit norm on one image is over this many times its median over the
+# calibration and evaluation images is ill-conditioned: see :func:`logit_norm_spread`.
+ILL_CONDITIONED_SPREAD = 10.0
+
+
+def logit_norm_spread(model: nn.Module, batches: list[tuple[torch.Tensor]]) -> dict:
+    """How evenly the float model responds to the benchmark's images: per-image L2 norm of the FP32
+    logits over ``batches``, its median and max / median.
+
+    Random-weight deep networks can be chaotic: re-estimated BatchNorms normalise the images they were
+    estimated on, but on other N(0, 1) images a few channels explode and some logits come out
+    thousands of times larger than the rest (random EfficientNet-B7 / V2-M / V2-L at 64 px: spreads of
+    1e3-2e4, still 40-100 at 224 px). A per-tensor INT8 range calibrated on such images is set by the
+    exploding ones, the other images quantize to almost nothing, and every recipe's cosine to FP32
+    (PT2E's included) is then a draw of which images survive, not a measure of the recipe."""
+    norms = []
+    with torch.no_grad():
+        for args in batches:
+            norms.append(logits(model(*args)).flatten(1).double().norm(dim=1))
+    norms = torch.cat(norms)
+    median = float(norms.median())
+    spread = float(norms.max()) / median if median > 0 else float("inf")
+    return {"images": int(norms.numel()), "median": round(median, 4), "max_over_median": round(spread, 2),
+            "ill_conditioned": spread > ILL_CONDITIONED_SPREAD}
+
+
 def give_signal(model: nn.Module, batches: list[tuple[torch.Tensor]]) -> dict:
     """Re-initialise all-zero heads and norm gains, re-estimate BatchNorm statistics; what was done."""
     gen = torch.Generator().manual_seed(0)

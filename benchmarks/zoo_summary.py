@@ -9,6 +9,11 @@ the set against every architecture ``zoo_models.all_models()`` lists (torchvisio
 timm selection) and writes a table (which run, at which commit, parity per runtime with coverage,
 graph breaks, fidelity gaps to PT2E) with the same summary lines as ``zoo.py``. It measures nothing:
 each figure is the one its run recorded, and the table says which commit that was.
+
+The fidelity gaps are also counted over well-conditioned float references only: a record's
+``signal.logit_norm_spread`` (``zoo_models.logit_norm_spread``), or for records written before
+``zoo.py`` measured it, the figure ``zoo_conditioning.py`` measured for the same model and image
+size (``results/zoo_conditioning.json``). Ill-conditioned models are listed, never dropped silently.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def newest_records(results: Path) -> dict[str, dict]:
     runtime "torch" go the default recipe's other figures (its fidelity, selection, graph breaks)."""
     runs: dict[str, list[tuple[datetime.datetime, dict]]] = {}
     for path in sorted(results.glob("zoo*.json")):
-        if path.name.startswith("zoo_summary"):
+        if path.name.startswith(("zoo_summary", "zoo_conditioning")):
             continue
         data = json.loads(path.read_text())
         meta = data["meta"]
@@ -79,6 +84,35 @@ def _fill(recs: list[tuple[datetime.datetime, dict]]) -> dict:
     return newest
 
 
+def attach_conditioning(records: dict[str, dict], path: Path) -> None:
+    """Give each record without ``signal.logit_norm_spread`` the one ``zoo_conditioning.py`` measured for
+    the same model at the same image size (marked ``conditioning_from``)."""
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    measured = {r["model"]: r for r in data["records"] if r.get("signal")}
+    for name, rec in records.items():
+        if spread_of(rec) is not None or name not in measured:
+            continue
+        other = measured[name]
+        if other["image_size"] != rec.get("image_size"):
+            continue
+        rec["signal"] = {**(rec.get("signal") or {}), "logit_norm_spread": other["signal"]["logit_norm_spread"]}
+        rec["conditioning_from"] = path.name
+
+
+def spread_of(rec: dict) -> dict | None:
+    return (rec.get("signal") or {}).get("logit_norm_spread")
+
+
+def _spread_cell(rec: dict) -> str:
+    spread = spread_of(rec)
+    if spread is None:
+        return "-"
+    mark = " ill" if spread["ill_conditioned"] else ""
+    return f"{spread['max_over_median']:.3g}{mark}{'+' if rec.get('conditioning_from') else ''}"
+
+
 def _gap(ours, rec) -> str:
     peer = rec["fidelity"].get("pt2e")
     return "-" if not (ours and peer) else f"{ours['cosine_mean'] - peer['cosine_mean']:+.4f}"
@@ -99,9 +133,12 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
     lines = ["# Model zoo, newest record per model (`python benchmarks/zoo_summary.py`)", "",
              "Each row is the newest run of that model over `benchmarks/results/zoo*.json` (run = the file's label "
              "and start time; commit = fxptqat's git HEAD in that run). Gaps are mean logit cosine to FP32 minus "
-             "PT2E's (X86InductorQuantizer) on the same model, images and calibration.", "",
-             "| model | run | commit | parity torch | parity ort | parity inductor | graph breaks | "
-             "weighted ort - PT2E | default - PT2E |", "|---" * 9 + "|"]
+             "PT2E's (X86InductorQuantizer) on the same model, images and calibration. FP32 spread = max / median "
+             "of the float model's per-image logit norm over the calibration and evaluation images "
+             f"(`zoo_models.logit_norm_spread`; 'ill' above {zoo_models.ILL_CONDITIONED_SPREAD:g}; + = measured by "
+             "`zoo_conditioning.py` for a record that predates it).", "",
+             "| model | run | commit | parity torch | parity ort | parity inductor | graph breaks | FP32 spread | "
+             "weighted ort - PT2E | default - PT2E |", "|---" * 10 + "|"]
     for name in names:
         rec = records[name]
         run = rec["run"]
@@ -111,17 +148,28 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
         lines.append(
             f"| {name}{status} | {run['label'] or run['file']} ({run['started'][4:16]}) | {run['commit'] or '-'} | "
             + " | ".join(_parity(rec, r) for r in zoo.RUNTIMES)
-            + f" | {breaks} | {_gap((rec['runtimes'].get('onnxruntime') or {}).get('cosine_vs_fp32'), rec)} | "
+            + f" | {breaks} | {_spread_cell(rec)} | "
+            f"{_gap((rec['runtimes'].get('onnxruntime') or {}).get('cosine_vs_fp32'), rec)} | "
             f"{_gap(rec['fidelity'].get('fxptqat'), rec)}{'*' if 'torch' in rec.get('filled', {}) else ''} |")
     lines += ["", "Summary:", "", *zoo.summary([records[n] for n in names], zoo.RUNTIMES)]
     gaps = sorted((o["cosine_mean"] - p["cosine_mean"], n, p["cosine_mean"]) for n in names
                   if (o := (records[n]["runtimes"].get("onnxruntime") or {}).get("cosine_vs_fp32"))
                   and (p := records[n]["fidelity"].get("pt2e")))
     if gaps:
-        lines.append("- Weighted onnxruntime - PT2E, distribution: " + ", ".join(
-            f">= {t:g}: {sum(g >= t for g, _, _ in gaps)}/{len(gaps)}" for t in (0, -1e-4, -1e-3, -1e-2))
-            + "; more than 0.01 below: " + (", ".join(f"{n} {g:+.4f} (PT2E's own cosine {p:.3f})"
-                                                     for g, n, p in gaps if g < -1e-2) or "none") + ".")
+        lines.append(_distribution("- Weighted onnxruntime - PT2E, distribution", gaps))
+        spreads = {n: spread_of(records[n]) for _, n, _ in gaps}
+        well = [g for g in gaps if spreads[g[1]] is not None and not spreads[g[1]]["ill_conditioned"]]
+        ill = [g for g in gaps if spreads[g[1]] is not None and spreads[g[1]]["ill_conditioned"]]
+        unknown = [n for _, n, _ in gaps if spreads[n] is None]
+        lines.append(_distribution(f"- The same over well-conditioned FP32 references (spread <= "
+                                   f"{zoo_models.ILL_CONDITIONED_SPREAD:g})", well))
+        if ill:
+            lines.append(f"- Ill-conditioned FP32 references ({len(ill)}, not in the line above; ours ahead of PT2E on "
+                         f"{sum(g >= 0 for g, _, _ in ill)}): " + ", ".join(
+                             f"{n} {g:+.4f} (spread {spreads[n]['max_over_median']:.3g}, PT2E's cosine {p:.3f})"
+                             for g, n, p in sorted(ill, key=lambda t: t[1])) + ".")
+        if unknown:
+            lines.append(f"- Without a conditioning figure: {', '.join(unknown)}.")
     filled = collections.Counter(rt for n in names for rt in records[n].get("filled", {}))
     if filled:
         lines.append("- Cells marked * come from the newest earlier run of that model that measured them (its newest run "
@@ -145,14 +193,25 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _distribution(title: str, gaps: list[tuple[float, str, float]]) -> str:
+    if not gaps:
+        return f"{title}: no models."
+    return (f"{title}: " + ", ".join(f">= {t:g}: {sum(g >= t for g, _, _ in gaps)}/{len(gaps)}"
+                                     for t in (0, -1e-4, -1e-3, -1e-2))
+            + "; more than 0.01 below: " + (", ".join(f"{n} {g:+.4f} (PT2E's own cosine {p:.3f})"
+                                                     for g, n, p in gaps if g < -1e-2) or "none") + ".")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--md", type=Path, help="default RESULTS/zoo_summary.md")
     p.add_argument("--json", type=Path, help="default RESULTS/zoo_summary.json")
     p.add_argument("--no-list", action="store_true", help="do not import torchvision/timm to list the architectures")
+    p.add_argument("--conditioning", type=Path, help="default RESULTS/zoo_conditioning.json")
     args = p.parse_args(argv)
     records = newest_records(args.results)
+    attach_conditioning(records, args.conditioning or args.results / "zoo_conditioning.json")
     if not records:
         print(f"no zoo*.json records under {args.results}", file=sys.stderr)
         return 1
@@ -162,6 +221,7 @@ def main(argv=None) -> int:
     (args.json or args.results / "zoo_summary.json").write_text(json.dumps(
         {"models": {n: {"run": r["run"], "status": r["status"], "traced": r["traced"],
                         "full_parity": zoo.full_parity(r, zoo.RUNTIMES) if r["traced"] else None,
+                        "logit_norm_spread": spread_of(r), "conditioning_from": r.get("conditioning_from"),
                         "filled_from": {rt: run["file"] for rt, run in r.get("filled", {}).items()}}
                     for n, r in sorted(records.items())}}, indent=1))
     print(text)

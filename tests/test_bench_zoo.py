@@ -97,6 +97,8 @@ def test_cnn_runs_every_step(run):
                  "prepare_weighted", "lower_onnxruntime", "parity_onnxruntime", "pt2e", "fx_default"):
         assert step in rec["timings_s"], step
     assert rec["signal"]["batchnorms_reestimated"] == 0  # squeezenet has none
+    spread = rec["signal"]["logit_norm_spread"]  # over the calibration batches and the evaluation batch
+    assert spread["images"] == 8 * (2 + 1) and spread["max_over_median"] >= 1.0 and "fp32_conditioning" in rec["timings_s"]
     assert rec["fidelity"]["fxptqat"] == rec["runtimes"]["torch"]["cosine_vs_fp32"]
     assert rec["fidelity"]["fxptqat_fake_quant"] is not None and rec["fidelity"]["fx_default"] is not None
 

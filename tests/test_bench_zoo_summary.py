@@ -90,7 +90,7 @@ def test_a_runtime_the_newest_run_skipped_comes_from_an_earlier_run(summary, tmp
     assert records["vgg11"]["filled"] == {}  # nothing earlier to fill from: not run
     text = summary.markdown(records, expected=None)
     row = next(line for line in text.splitlines() if line.startswith("| resnet18"))
-    assert "ok 3/3* | ok 3/3 | ok 2/3* | 3* | +0.0500 | -0.2000* |" in row
+    assert "ok 3/3* | ok 3/3 | ok 2/3* | 3* | - | +0.0500 | -0.2000* |" in row
     assert "| vgg11 |" in text and "not run" in next(line for line in text.splitlines() if line.startswith("| vgg11"))
     assert "Cells marked * come from" in text and "inductor on 1 models, torch on 1 models" in text
     assert '{"bias_correction": true} on 1 models' in text and "no bias correction" in text
@@ -99,3 +99,53 @@ def test_a_runtime_the_newest_run_skipped_comes_from_an_earlier_run(summary, tmp
 def test_no_results_is_an_error(summary, tmp_path, capsys):
     assert summary.main(["--results", str(tmp_path), "--no-list"]) == 1
     assert "no zoo" in capsys.readouterr().err
+
+
+def _spread(value):
+    return {"images": 40, "median": 5.0, "max_over_median": value, "ill_conditioned": value > 10.0}
+
+
+def test_the_goal_is_counted_again_over_well_conditioned_references(summary, tmp_path):
+    # vgg11 (own figure) and resnet18 (from zoo_conditioning.json) are well-conditioned; effnet is not
+    vgg, effnet, resnet = _record("vgg11", ort=0.95), _record("effnet", ort=0.2, pt2e=0.4), _record("resnet18", ort=0.8)
+    for rec in (vgg, effnet, resnet):
+        rec["image_size"] = 64
+    vgg["signal"] = {"batchnorms_reestimated": 0, "logit_norm_spread": _spread(1.2)}
+    _run_file(tmp_path / "zoo_a.json", "Mon Nov 30 09:04:51 2026", "aaa", [vgg, effnet, resnet,
+                                                                           _record("alexnet", ort=0.8)])
+    cond = [{"model": "effnet", "image_size": 64, "signal": {"logit_norm_spread": _spread(2000.0)}},
+            {"model": "resnet18", "image_size": 64, "signal": {"logit_norm_spread": _spread(1.1)}},
+            {"model": "vgg11", "image_size": 64, "signal": {"logit_norm_spread": _spread(99.0)}},  # own figure wins
+            {"model": "alexnet", "image_size": 32, "signal": {"logit_norm_spread": _spread(1.0)}}]  # other size
+    (tmp_path / "zoo_conditioning.json").write_text(json.dumps({"meta": {}, "records": cond}))
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    assert summary.main(["--results", str(tmp_path), "--no-list", "--md", str(md), "--json", str(js)]) == 0
+    text = md.read_text()
+    assert "distribution: >= 0: 1/4" in text  # every model, as before
+    assert "spread <= 10): >= 0: 1/2" in text and "more than 0.01 below: resnet18 -0.1000" in text
+    assert "Ill-conditioned FP32 references (1, not in the line above; ours ahead of PT2E on 0): effnet -0.2000 " \
+           "(spread 2e+03, PT2E's cosine 0.400)" in text
+    assert "Without a conditioning figure: alexnet." in text
+    rows = {line.split(" |")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 1.2 |" in rows["vgg11"] and "| 1.1+ |" in rows["resnet18"] and "| 2e+03 ill+ |" in rows["effnet"]
+    models = json.loads(js.read_text())["models"]
+    assert models["effnet"]["conditioning_from"] == "zoo_conditioning.json"
+    assert models["vgg11"]["logit_norm_spread"]["max_over_median"] == 1.2 and models["alexnet"]["logit_norm_spread"] is None
+    assert "zoo_conditioning.json" not in {r["run"]["file"] for r in summary.newest_records(tmp_path).values()}
+
+
+def test_logit_norm_spread_flags_a_chaotic_reference(summary):
+    import torch
+    import zoo_models
+
+    class Scale(torch.nn.Module):  # logits = x * (1 + 1000 * [first image of each batch])
+        def forward(self, x):
+            boost = torch.ones(x.shape[0], 1)
+            boost[0] = 1000.0
+            return x.flatten(1) * boost
+
+    batches = [(torch.ones(4, 3),), (torch.ones(4, 3),)]
+    spread = zoo_models.logit_norm_spread(Scale(), batches)
+    assert spread["images"] == 8 and spread["max_over_median"] == pytest.approx(1000.0)
+    assert spread["ill_conditioned"] is True
+    assert zoo_models.logit_norm_spread(torch.nn.Flatten(), batches)["ill_conditioned"] is False
