@@ -71,8 +71,9 @@ def build_model(name: str, image_size: int, seed: int) -> nn.Module:
     # any timm architecture as "timm/NAME" (the zoo's spelling), any torchvision one by its name
     kind, arch = MODELS.get(name) or (("timm", name[5:]) if name.startswith("timm/") else ("tv", name))
     torch.manual_seed(seed)
-    if kind == "tv":
-        model = getattr(import_torchvision().models, arch)(weights=None)
+    if kind == "tv":  # torchvision's ViTs take the image size (a multiple of the patch) as an argument
+        kwargs = {"image_size": image_size} if arch.startswith("vit_") else {}
+        model = getattr(import_torchvision().models, arch)(weights=None, **kwargs)
     else:
         import_torchvision()  # timm imports torchvision when present
         import timm
@@ -191,6 +192,11 @@ RECIPES = {
     "fxptqat_weighted_histogram_bc": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram",
                                                     bias_correction=True),
     "fxptqat_weighted_ao_histogram": fxptqat_recipe(quantized_ops="weighted", act_observer="ao_histogram"),
+    "fxptqat_weighted_histogram_bc_full": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram",
+                                                         bias_correction=True, weight_range="full"),
+    # PT2E's recipe exactly (its ops, estimator and weight grid): what is left is float rounding
+    "fxptqat_weighted_ao_histogram_full": fxptqat_recipe(quantized_ops="weighted", act_observer="ao_histogram",
+                                                         weight_range="full"),
     "fxptqat_minmax_pertensor": fxptqat_recipe(act_observer="minmax", per_channel=False),
     "pt2e": pt2e_recipe(),
     "pt2e_minmax": pt2e_recipe("minmax"),

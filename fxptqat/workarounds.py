@@ -117,7 +117,7 @@ def refuse_saturating_kernels(config: QuantConfig) -> None:
     refuse a recipe whose weights and activations can saturate their 16-bit pair sums."""
     if exact_u8s8_kernels() or config.act_bits is None:
         return
-    if 2 * config.act_qrange[1] * config.weight_qrange[1] > _INT16_MAX:
+    if 2 * config.act_qrange[1] * config.weight_max_code > _INT16_MAX:
         raise LoweringError(
             f"lower(runtime='inductor'): this CPU has no AVX-512 VNNI, so oneDNN's INT8 kernels add pairs of "
             f"products in 16 bits and saturate with {config.weight_bits}-bit weights on full-range activations: "

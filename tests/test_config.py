@@ -195,3 +195,15 @@ def test_quantized_ops_choices():
     assert fq.QuantConfig(quantized_ops="weighted").quantized_ops == "weighted"
     with pytest.raises(fq.ConfigError, match=r"quantized_ops='weigted'.*Did you mean 'weighted'\?"):
         fq.QuantConfig(quantized_ops="weigted")
+
+
+@pytest.mark.parametrize("bits, expected", [(2, (-2, 1)), (3, (-4, 3)), (4, (-8, 7)), (8, (-128, 127))])
+def test_full_weight_range_takes_every_signed_code(bits, expected):
+    config = fq.QuantConfig(weight_bits=bits, weight_range="full")
+    assert config.weight_qrange == expected and config.weight_max_code == -expected[0]
+    assert fq.QuantConfig(weight_bits=bits).weight_max_code == expected[1]
+
+
+def test_weight_range_is_checked():
+    with pytest.raises(fq.ConfigError, match=r"weight_range='ful' is not supported. Did you mean 'full'\?"):
+        fq.QuantConfig(weight_range="ful")

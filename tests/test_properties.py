@@ -22,6 +22,7 @@ from torch.ao.quantization import FakeQuantizeBase, disable_fake_quant, disable_
 
 import fxptqat as fq
 from fxptqat import meta
+from fxptqat.config import WEIGHT_RANGES as _RANGES
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.testing import act_bits, traceable_models, weight_bits
 
@@ -199,17 +200,21 @@ def test_frozen_nodes_do_not_change_under_an_optimizer_step(pair, wb, ab, policy
         assert sel.trainable_params == 0 and not params
 
 
+WEIGHT_RANGES = st.sampled_from(_RANGES)
+
+
 # -- 3. INT8 == fake-quant within one quantization step --------------------------------------------
 @pytest.mark.parametrize("ab, ops", [(8, "all"), (None, "all"), (8, "weighted")],
                          ids=["act8", "weight-only", "act8-weighted"])
 def test_lowered_int8_matches_fake_quant(ab, ops):
     # an ONNX export costs seconds per draw: 8 here and 6 in tests/test_lowering_onnx.py's property
     @(settings(PIPELINE, max_examples=examples(8)) if ops == "weighted" else PIPELINE)
-    @given(MODELS, weight_bits())
-    def check(pair, wb):
+    @given(MODELS, weight_bits(), WEIGHT_RANGES)
+    def check(pair, wb, wr):
         model, (x,) = pair
         batches = property_batches(model, x)
-        qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab, quantized_ops=ops))
+        qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, weight_range=wr, act_bits=ab,
+                                                            quantized_ops=ops))
         fq.calibrate(qat, batches)
         if ops == "weighted":  # its runtimes are the reference-graph ones; torch.ao's convert refuses
             with pytest.raises(fq.LoweringError, match="quantized_ops='weighted'"):
@@ -240,10 +245,10 @@ def test_lowered_int8_matches_fake_quant_when_one_value_feeds_two_cats():
     assert parity.ok and parity.coverage == 1.0, f"first divergence {parity.first_divergence}\n{parity.table()}"
 
 
-def _parity_after_finetune(pair, wb, ab):
+def _parity_after_finetune(pair, wb, ab, wr="restricted"):
     model, (x,) = pair
     batches = property_batches(model, x)
-    qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, act_bits=ab))
+    qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=wb, weight_range=wr, act_bits=ab))
     fq.calibrate(qat, batches)
     fq.select_trainable(qat, fq.measure_error(qat, batches), policy=fq.AllLayers())
     _adam_step(qat, x, lr=0.5)  # pushes weights past the frozen scales: clamp_int_weights' job
@@ -255,9 +260,9 @@ def _parity_after_finetune(pair, wb, ab):
 @pytest.mark.parametrize("ab", [8, None], ids=["act8", "weight-only"])
 def test_lowered_int8_matches_fake_quant_after_finetuning(ab):
     @PIPELINE
-    @given(MODELS, weight_bits())
-    def check(pair, wb):
-        _parity_after_finetune(pair, wb, ab)
+    @given(MODELS, weight_bits(), WEIGHT_RANGES)
+    def check(pair, wb, wr):
+        _parity_after_finetune(pair, wb, ab, wr)
 
     check()
 

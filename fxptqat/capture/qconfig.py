@@ -50,7 +50,7 @@ _WEIGHT_ONLY = DTypeConfig(
 
 
 def weight_fake_quant(config: QuantConfig, *, per_channel: bool | None = None):
-    """Symmetric weights on the restricted range [-(2^(b-1)-1), 2^(b-1)-1]."""
+    """Symmetric weights on ``config.weight_qrange`` (restricted or full signed range)."""
     qmin, qmax = config.weight_qrange
     per_channel = config.per_channel if per_channel is None else per_channel
     eps = _EPS.get(config.engine, torch.finfo(torch.float32).eps)
