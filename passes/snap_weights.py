@@ -8,9 +8,9 @@ histogram ranges, 32 px), one of 589,824 weights of ``layer3.1.conv2`` was lower
 (0.0011) off, and that conv's float output differed from fake-quant by 0.0024, 2x the float
 tolerance (``check_parity`` reported it). Given the fake-quant weights (on their grid,
 ``capture.quantized_weights``) by module target, this pass writes them into the lowered modules:
-torch.ao's quantized modules get their integers re-packed, reference modules their float weight
-(which they quantize-dequantize onto the same grid). Modules already equal are untouched
-(``modified`` is False when nothing was off).
+torch.ao's quantized modules get their integers re-packed, reference modules the fake-quant weight
+itself as their float weight (on the grid, so no later quantization of it meets a rounding tie).
+Modules already equal are untouched (``modified`` is False when nothing was off).
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ def _axis_shape(weight: torch.Tensor, axis: int) -> list[int]:
 
 
 def _snap_reference(module, weight: torch.Tensor) -> bool:
+    # the on-grid weight itself, not merely one that quantizes to the same integers: a portable
+    # runtime quantizes this float weight again with its own arithmetic (the ONNX exporter's
+    # QuantizeLinear divides by the scale, torch's fake-quant multiplies by its inverse), and a
+    # weight on a rounding tie goes either way. With weight_range="full" every channel whose largest
+    # magnitude is negative has one on a tie (-(2**(b-1) - 0.5) steps); a 2-bit draw of the lowering
+    # property lowered such a weight to -2 where fake-quant had -1.
     if module.weight.shape != weight.shape or module.weight_dtype != torch.qint8:
         return False
     with torch.no_grad():
-        if torch.equal(module.get_weight(), weight.to(module.weight.dtype)):
+        if torch.equal(module.weight, weight.to(module.weight.dtype)):
             return False
         module.weight.copy_(weight)
     return True

@@ -88,3 +88,35 @@ def test_full_range_survives_save_and_load(tmp_path):
     x = batches[0][0]
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), qat.eval()(x))
+
+
+class _TieNet(nn.Module):  # the 2-bit draw of the lowering property that found the tie
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(7, 2, bias=False), nn.Linear(7, 2)
+        self.fc2, self.fc3 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        v = torch.cat([self.fc0(x), self.fc1(x)], 1)
+        v = torch.relu(self.fc2(v)) + v
+        return torch.relu(self.fc3(torch.nn.functional.relu6(v)))
+
+
+def test_a_weight_on_a_rounding_tie_lowers_to_the_fake_quant_integer():
+    # full range: a channel whose largest magnitude is negative has that weight at exactly
+    # -(2**(b-1) - 0.5) steps; torch's fake-quant (x * 1/scale) and ONNX's QuantizeLinear (x / scale)
+    # round it to different integers unless the lowering hands over the on-grid weight
+    torch.manual_seed(2)
+    model, x = _TieNet().eval(), torch.randn(2, 7)
+    batches = [(x,), (x.flip(0) * 1.5,)]
+    qat = fq.prepare(model, (x,), config=fq.QuantConfig(weight_bits=2, weight_range="full", quantized_ops="weighted"))
+    fq.calibrate(qat, batches)
+    ties = [float(((m.weight / m.weight_fake_quant.scale[:, None]) == -1.5).sum()) for m in
+            (qat.fc0, qat.fc1, qat.fc2, qat.fc3)]
+    assert sum(ties) > 0  # the case this test is about
+    lowered = fq.lower(qat, runtime="onnxruntime", example_inputs=(x,), threads=1)
+    parity = fq.check_parity(qat, lowered, batches)
+    assert parity.ok and parity.coverage == 1.0, parity.table()
+    for name in ("fc0", "fc1", "fc2", "fc3"):  # the reference graph holds the fake-quant weights themselves
+        fq_weight = getattr(qat, name).weight_fake_quant(getattr(qat, name).weight).detach()
+        assert torch.equal(lowered.reference.get_submodule(name).weight.detach(), fq_weight)
