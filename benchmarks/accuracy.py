@@ -104,9 +104,10 @@ MAIN_METHODS = ("float", "ptq", "qat_all", "ptqat", "ptqat_inverse", "random", "
 
 
 # -- data -----------------------------------------------------------------------------------------
-def load_data() -> dict[str, tuple[torch.Tensor, ...]]:
-    """Both datasets; the split (seed 0) and the point sampling are fixed for every run."""
-    x_train, y_train, x_test, y_test = load_mnist(n_train=4000, n_test=1000, seed=0)
+def load_data(n_train: int = 4000, n_test: int = 1000) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Both datasets; the split (seed 0) and the point sampling are fixed for every run (``--quick``:
+    2,000 / 300 images, a smoke run whose accuracies mean nothing)."""
+    x_train, y_train, x_test, y_test = load_mnist(n_train=n_train, n_test=n_test, seed=0)
     p_train = images_to_points(x_train, seed=0)
     p_test = images_to_points(x_test, seed=1)
     return {"mnist": (x_train, y_train, x_test, y_test), "mnist_points": (p_train, y_train, p_test, y_test)}
@@ -426,7 +427,7 @@ def run_setting(spec: ModelSpec, float_model: nn.Module, data, setting: Setting,
 
 
 def run(cfg: dict, log: Callable[[str], None] = print, checkpoint: Callable[[list], None] | None = None) -> list:
-    data = load_data()
+    data = load_data(**cfg["data"])
     records: list[dict] = []
     for model_name in cfg["models"]:
         spec = MODELS[model_name]
@@ -521,6 +522,7 @@ def main(argv=None) -> int:
         lr=args.lr, optimizer="adam", batch_size=BATCH, calib_batches=CALIB_BATCHES, ptqat_theta=THETA,
         threads=args.threads, quick=quick, methods=MAIN_METHODS,
         float_epochs={"PointNet": 2} if quick else {},
+        data=dict(n_train=2000, n_test=300) if quick else dict(n_train=4000, n_test=1000),
         mem_method=MEM_METHOD, torch_version=torch.__version__, python=platform.python_version(),
         machine=f"{platform.machine()} {os.cpu_count()} cpus",
     )

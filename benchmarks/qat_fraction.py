@@ -221,7 +221,7 @@ def _as_record(r: dict) -> LossRecord:
                       bits=r["bits"], loss=r["final_loss"])
 
 
-def fit_law(records: list[dict], *, restarts: int, adam_steps: int = 1500) -> list[dict]:
+def fit_law(records: list[dict], *, restarts: int, adam_steps: int = 1500, refine: int = 4) -> list[dict]:
     """Fit the loss law per mode and S_fp sign on all runs but a held-out split, and test on it.
 
     Splits: the largest budget (extrapolation in tokens, as a scaling law is used) and the middle
@@ -250,7 +250,7 @@ def fit_law(records: list[dict], *, restarts: int, adam_steps: int = 1500) -> li
                     baseline.append(abs(statistics.fmean(same) - r["final_loss"]))
             for sign in (1, -1):
                 law = ScalingLaw.fit([_as_record(r) for r in fit_rows], sfp_sign=sign, restarts=restarts, seed=0,
-                                     adam_steps=adam_steps)
+                                     adam_steps=adam_steps, refine=refine)
                 errors = [law.predict(*(getattr(_as_record(r), k) for k in ("params", "fp_tokens", "qat_tokens", "bits")))
                           - r["final_loss"] for r in held]
                 out.append({
@@ -441,6 +441,7 @@ def parse(argv):
     p.add_argument("--max-chars", type=int, default=12_000_000)
     p.add_argument("--restarts", type=int, default=32, help="loss-law fit: random starts")
     p.add_argument("--fit-steps", type=int, default=1500, help="loss-law fit: Adam steps before L-BFGS")
+    p.add_argument("--fit-refine", type=int, default=4, help="loss-law fit: best starts polished by L-BFGS")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.quick:
@@ -448,6 +449,7 @@ def parse(argv):
         args.fractions = args.fractions or [0.2, 0.6]
         args.seeds = args.seeds or [0]
         args.no_ptq, args.val_windows, args.max_chars, args.restarts, args.fit_steps = True, 128, 1_000_000, 2, 200
+        args.fit_refine = 1
         args.extra_bits = args.extra_bits or []
         if not args.json:
             args.json = os.path.join(tempfile.mkdtemp(prefix="qat_fraction_"), "qat_fraction.json")
@@ -461,11 +463,11 @@ def parse(argv):
     return args
 
 
-def analyse(result: dict, *, restarts: int, adam_steps: int = 1500) -> dict:
+def analyse(result: dict, *, restarts: int, adam_steps: int = 1500, refine: int = 4) -> dict:
     records = result["records"]
     result["summary"] = summarize(records)
     budgets = sorted({r["budget_steps"] for r in records if r["qat_steps"] > 0})
-    result["law"] = fit_law(records, restarts=restarts, adam_steps=adam_steps) if len(budgets) >= 2 else []
+    result["law"] = fit_law(records, restarts=restarts, adam_steps=adam_steps, refine=refine) if len(budgets) >= 2 else []
     result["f_star_check"] = optimal_qat_fraction(100e9, 86e6, 4)
     return result
 
@@ -484,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     if args.render:
         result = analyse(json.loads(Path(args.render).read_text()), restarts=args.restarts,
-                         adam_steps=args.fit_steps)
+                         adam_steps=args.fit_steps, refine=args.fit_refine)
         result["rendered"] = "analysis, tables and plot recomputed from these records with --render"
         write(result, args.json)
         log.info("re-rendered %s from %s", args.json, args.render)
@@ -510,14 +512,14 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {k: getattr(args, k) for k in ("budgets", "fractions", "seeds", "bits", "modes", "extra_bits",
                                                  "extra_budgets", "extra_seeds", "dim", "layers", "heads",
                                                  "context", "batch", "lr", "weight_decay", "warmup", "cooldown", "qat_lr_ratio",
-                                                 "val_windows", "max_chars", "restarts", "fit_steps", "threads")}
+                                                 "val_windows", "max_chars", "restarts", "fit_steps", "fit_refine", "threads")}
         | {"params": quantized_params(model), "params_total": sum(p.numel() for p in model.parameters()),
            "python": platform.python_version(), "torch": torch.__version__, "train_chars": len(train),
            "val_chars": len(val), "paper_a": 6.7297},
         "records": records,
     }
     result["train_seconds"] = time.perf_counter() - t0
-    analyse(result, restarts=args.restarts, adam_steps=args.fit_steps)
+    analyse(result, restarts=args.restarts, adam_steps=args.fit_steps, refine=args.fit_refine)
     result["seconds"] = time.perf_counter() - t0
     write(result, args.json)
     log.info("wrote %s (+ .md, .png) in %.0f s", args.json, result["seconds"])

@@ -19,6 +19,8 @@ from benchmarks import accuracy as bench  # noqa: E402
 from benchmarks.plot_accuracy import render_markdown  # noqa: E402
 from benchmarks.pointnet import PointNet, images_to_points  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("bench_accuracy")  # its module fixture runs once: one worker
+
 REQUIRED = {
     "model", "method", "weight_bits", "act_bits", "seed", "accuracy", "trainable_params", "total_params",
     "step_seconds", "peak_mem_bytes", "optimizer_state_bytes", "saved_activation_bytes", "finetune_steps",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("bench_compile")  # its module fixture runs once: one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "compile.py"
 TRAINING = {"fp32/eager", "fp32/inductor"} | {f"qat-{s}/{m}" for s in ("all", "ptqat")

@@ -14,6 +14,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import lm_ptqat as bench  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("bench_lm_ptqat")  # its module fixture runs once: one worker
+
 REQUIRED = {
     "model", "method", "weight_bits", "act_bits", "seed", "accuracy", "trainable_params", "total_params",
     "trainable_nodes", "n_trainable_nodes", "step_seconds", "peak_mem_bytes", "optimizer_state_bytes", "grad_bytes",

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.xdist_group("bench_zoo")  # its module fixture runs once: one worker
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 # A CNN on torch + onnxruntime and a timm ViT on torch (~25 s each on 2 idle cores): the inductor

@@ -144,6 +144,7 @@ def test_accuracy_contract(digits):
         accuracy(model, x_test, y_test[:-1])
 
 
+@pytest.mark.xdist_group("mnist_cnn")  # trained once, on the worker that runs test_pipeline_mnist.py
 def test_residual_cnn_reaches_95_percent_on_mnist(mnist, mnist_cnn):
     _, _, x_test, y_test = mnist
     acc = accuracy(mnist_cnn, x_test, y_test)

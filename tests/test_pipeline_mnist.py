@@ -12,7 +12,9 @@ from fxptqat.examples.models import accuracy
 
 from helpers import same_state, state_of
 
-STEPS = 150
+# One xdist worker runs every user of the session's trained `mnist_cnn` (40 s to train): `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("mnist_cnn")
+STEPS = 60  # PTQ 0.947 -> PTQAT 0.959 test accuracy (150 steps: 0.955; measured on 2026-12-01)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def calib(mnist):
 
 @pytest.fixture(scope="module")
 def w4(mnist, mnist_cnn, calib):
-    """W4A8 PTQ, then PTQAT (Threshold 0.01) fine-tuned for a few hundred steps."""
+    """W4A8 PTQ, then PTQAT (Threshold 0.01) fine-tuned for STEPS steps."""
     x_train, y_train, x_test, y_test = mnist
     before = state_of(mnist_cnn)
     qat = fq.prepare(mnist_cnn, x_train[:64], config=fq.QuantConfig(weight_bits=4, act_bits=8))

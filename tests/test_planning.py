@@ -114,7 +114,7 @@ def test_zero_token_phases():
 
 def test_fit_recovers_the_parameters_of_synthetic_records():
     law = ScalingLaw(TRUTH)
-    fit = ScalingLaw.fit(synthetic_records(law), restarts=8, adam_steps=1000, seed=0)
+    fit = ScalingLaw.fit(synthetic_records(law), restarts=8, adam_steps=1000, refine=2, seed=0)
     assert fit.fit_info.fixed == {}
     assert fit.fit_info.r2 > 0.999999
     for name in TRUTH.__dataclass_fields__:
@@ -123,7 +123,7 @@ def test_fit_recovers_the_parameters_of_synthetic_records():
 
 def test_fit_with_noise_predicts_held_out_points_and_the_optimal_fraction():
     law = ScalingLaw(TRUTH)
-    fit = ScalingLaw.fit(synthetic_records(law, noise=0.003), restarts=8, adam_steps=1000, seed=0)
+    fit = ScalingLaw.fit(synthetic_records(law, noise=0.003), restarts=8, adam_steps=1000, refine=1, seed=0)
     assert fit.fit_info.r2 > 0.99
     for n, d, b in ((3e7, 3e9, 3), (3e8, 3e10, 6), (1e9, 1e11, 2)):  # points the fit never saw
         for f in (0.2, 0.5):
@@ -135,7 +135,7 @@ def test_fit_with_noise_predicts_held_out_points_and_the_optimal_fraction():
 def test_fit_pins_what_the_records_cannot_identify():
     law = ScalingLaw(TRUTH)
     records = [r for r in synthetic_records(law) if r.params == 1e8 and r.bits == 4]
-    fit = ScalingLaw.fit(records, restarts=8, adam_steps=300, fixed={"rho": 0.2})
+    fit = ScalingLaw.fit(records, restarts=8, adam_steps=300, refine=1, fixed={"rho": 0.2})
     assert set(fit.fit_info.fixed) == {"A", "alpha", "psi", "nu", "theta", "kappa", "chi", "mu", "rho"}
     assert fit.params.A == 0 and fit.params.theta == 0 and fit.params.rho == 0.2
     assert fit.fit_info.rmse < 0.01  # the absorbed terms are constants here: the fit stays exact
