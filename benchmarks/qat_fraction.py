@@ -414,7 +414,7 @@ def plot(result: dict, path: Path) -> None:
 # -- main ------------------------------------------------------------------------------------------
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny budgets, 1 seed, 2 fractions (< 1 min); needs --json")
+    p.add_argument("--quick", action="store_true", help="budgets of 12 and 24 steps, 1 seed, 2 fractions (< 1 min); needs --json")
     p.add_argument("--json", help="output JSON (the .md and .png go beside it); default benchmarks/results/")
     p.add_argument("--budgets", type=int, nargs="+", help="total steps per run")
     p.add_argument("--fractions", type=float, nargs="+")
@@ -445,7 +445,7 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     if args.quick:
-        args.budgets = args.budgets or [30, 60]
+        args.budgets = args.budgets or [12, 24]
         args.fractions = args.fractions or [0.2, 0.6]
         args.seeds = args.seeds or [0]
         args.no_ptq, args.val_windows, args.max_chars, args.restarts, args.fit_steps = True, 128, 1_000_000, 2, 200
