@@ -498,7 +498,7 @@ def _release() -> None:
 
 
 def measure_memory(model: str, args, workdir: str, onnx_path: str | None) -> dict:
-    spec = {"model": model, "backends": args.backends, "threads": args.threads, "image_size": args.image_size,
+    spec = {"model": model, "backends": args.memory_backends, "threads": args.threads, "image_size": args.image_size,
             "calib_batches": args.calib_batches, "calib_size": args.calib_size, "batches": args.batches,
             "workdir": workdir, "onnx_path": onnx_path, "tiny": args.tiny}
     try:
@@ -509,7 +509,9 @@ def measure_memory(model: str, args, workdir: str, onnx_path: str | None) -> dic
             raise RuntimeError(f"memory child rc={proc.returncode}: {proc.stderr.strip()[-300:]}")
         results = json.loads(lines[-1])
     except Exception as e:
-        results = {b: {"status": "failed", "reason": f"{type(e).__name__}: {e}"} for b in args.backends}
+        results = {b: {"status": "failed", "reason": f"{type(e).__name__}: {e}"} for b in args.memory_backends}
+    for b in args.backends:
+        results.setdefault(b, {"status": "skipped", "reason": "not measured (--memory-backends)"})
     for r in results.values():
         for key in ("peak_rss_mb", "resident_model_mb"):
             r[key] = {int(k): v for k, v in r.get(key, {}).items()}
@@ -746,11 +748,17 @@ def parse_args(argv=None):
                    help="keep glibc's default mmap/trim thresholds (freed buffers re-fault every run)")
     p.add_argument("--tiny", action="store_true", help="tiny models of the same layer types (for tests)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-RSS subprocesses")
+    p.add_argument("--memory-backends", nargs="+", choices=BACKENDS,
+                   help="measure peak RSS of these only (default: every --backends; each is built twice there)")
     p.add_argument("--from-json", type=Path, help="only re-render --md (or stdout) from a JSON written earlier")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
+    if args.memory_backends is None:
+        args.memory_backends = list(args.backends)
+    elif not set(args.memory_backends) <= set(args.backends):
+        p.error(f"--memory-backends {sorted(set(args.memory_backends) - set(args.backends))} not in --backends")
     return args
 
 

@@ -20,12 +20,20 @@ The one place for them: when torch changes, this file says what to re-check.
   quantized engine whenever ``set_weight_bias`` runs -- at conversion, on ``copy.deepcopy``,
   ``load_state_dict`` and unpickling (pytorch/pytorch#46749, open) -- so the packing engine of a
   module cannot be chosen per module without swapping its class.
+* :func:`reuse_torchlib_registry`: ``torch.onnx.export(dynamo=True)`` builds its ATen -> ONNX
+  registry from torchlib on every call (``_compat.export_compat`` -> ``ONNXRegistry.from_torchlib``;
+  onnxscript re-reads the source of ~500 functions with ``inspect.getsource``): 2.5-3 s of every
+  onnxruntime lowering here, whatever the model's size. The export only reads the registry (it
+  writes to it only for a ``custom_translation_table``, which fxptqat never passes), so one build per
+  opset serves every export of the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
@@ -183,3 +191,40 @@ def pin_packing_engine(module: nn.Module, engine: str) -> None:
     weight, bias = module.weight(), module.bias()
     holder.__class__ = _PINNED[(type(holder), engine)]
     module.set_weight_bias(weight, bias)
+
+
+_REGISTRIES: dict = {}
+_REGISTRY_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def reuse_torchlib_registry() -> Iterator[None]:
+    """While active, ``ONNXRegistry.from_torchlib`` returns a copy of the registry it built first
+    for the same arguments (its lists copied, so that a caller's ``register_op`` changes only its own
+    copy). Without that private class (another torch), it does nothing. Exports under it run one at
+    a time (the class attribute is swapped for the duration)."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        cls = _registration.ONNXRegistry
+        original = cls.__dict__["from_torchlib"].__func__
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(klass, *args, **kwargs):
+        key = (klass, args, tuple(sorted(kwargs.items())))
+        built = _REGISTRIES.get(key)
+        if built is None:
+            built = _REGISTRIES[key] = original(klass, *args, **kwargs)
+        registry = klass.__new__(klass)
+        registry.__dict__.update(built.__dict__)
+        registry.functions = {k: list(v) for k, v in built.functions.items()}
+        return registry
+
+    with _REGISTRY_LOCK:
+        cls.from_torchlib = classmethod(from_torchlib)
+        try:
+            yield
+        finally:
+            cls.from_torchlib = classmethod(original)

@@ -46,8 +46,9 @@ def _records(path: Path) -> dict[str, dict]:
 
 def test_tiny_run_writes_schema(deploy, tmp_path):
     out, md = tmp_path / "deploy.json", tmp_path / "deploy.md"
+    # peak RSS of two backends: the memory child builds each twice (its ONNX export alone: ~10 s)
     assert deploy.main([*TINY, "--backends", "fp32_eager", "fxptqat_int8", "fxptqat_int8_onnxruntime",
-                        "--json", str(out), "--md", str(md)]) == 0
+                        "--memory-backends", "fp32_eager", "fxptqat_int8", "--json", str(out), "--md", str(md)]) == 0
     recs = _records(out)
     assert set(recs) == {"fp32_eager", "fxptqat_int8", "fxptqat_int8_onnxruntime"}
     fp32, int8, ort = recs["fp32_eager"], recs["fxptqat_int8"], recs["fxptqat_int8_onnxruntime"]
@@ -57,8 +58,10 @@ def test_tiny_run_writes_schema(deploy, tmp_path):
         assert r["status"] == "ok" and r["model"] == "vit" and r["batch"] == 1
         assert r["latency_ms"] > 0 and r["size_bytes"] > 0
         assert r["latency_q1_ms"] <= r["latency_ms"] <= r["latency_q3_ms"]
-        assert r["peak_rss_mb"] > 0 and r["resident_model_mb"] is not None
         assert r["minor_faults_per_run"] >= 0
+    for r in (fp32, int8):
+        assert r["peak_rss_mb"] > 0 and r["resident_model_mb"] is not None and "memory_reason" not in r
+    assert ort["peak_rss_mb"] is None and ort["memory_reason"] == "not measured (--memory-backends)"
     assert fp32["speedup_vs_fp32_eager"] == 1.0
     assert int8["speedup_vs_fp32_eager"] == pytest.approx(fp32["latency_ms"] / int8["latency_ms"], rel=1e-2)
     assert int8["size_vs_fp32"] < 1.0  # tiny model: qparams weigh in; the real ones are near 0.25
@@ -68,6 +71,14 @@ def test_tiny_run_writes_schema(deploy, tmp_path):
     meta = json.loads(out.read_text())["meta"]
     assert meta["malloc"] == {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30}  # glibc here
     assert "Allocator: glibc mmap threshold 32 MiB" in table
+
+
+def test_memory_backends_must_be_measured_backends(deploy, capsys):
+    with pytest.raises(SystemExit):
+        deploy.parse_args(["--backends", "fp32_eager", "--memory-backends", "fxptqat_int8"])
+    assert "--memory-backends ['fxptqat_int8'] not in --backends" in capsys.readouterr().err
+    assert deploy.parse_args(["--backends", "fp32_eager", "fxptqat_int8"]).memory_backends == ["fp32_eager",
+                                                                                            "fxptqat_int8"]
 
 
 def test_failing_peer_is_recorded_not_dropped(deploy, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from ..config import QuantConfig
 from ..errors import ConfigError, LoweringError
-from ..workarounds import exact_u8s8_kernels
+from ..workarounds import exact_u8s8_kernels, reuse_torchlib_registry
 from .base import EXAMPLE_INPUTS, Option, Runtime
 from .onnx_optimize import optimize
 from .onnx_rewrites import fold_weight_quantization, weights_to_uint8, widen_weight_grid
@@ -112,8 +112,9 @@ def export_onnx(
     batch = torch.export.Dim("batch", min=1)
     dynamic = tuple({0: batch} for _ in args)
     try:
-        program = torch.onnx.export(reference, args, dynamo=True, dynamic_shapes=dynamic, optimize=False,
-                                    verbose=False)
+        with reuse_torchlib_registry():
+            program = torch.onnx.export(reference, args, dynamo=True, dynamic_shapes=dynamic, optimize=False,
+                                        verbose=False)
         optimize(program)  # what optimize=True does, less one rule's cost (see onnx_optimize)
     except Exception as e:
         raise LoweringError(f"ONNX export of the reference graph failed: {type(e).__name__}: {e}") from e
