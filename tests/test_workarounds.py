@@ -1,4 +1,4 @@
-"""workarounds.reuse_torchlib_registry: one torchlib registry per process, the same ONNX model."""
+"""fxptqat.workarounds: reuse_torchlib_registry (one torchlib registry per process, the same ONNX model)."""
 
 import contextlib
 
