@@ -22,8 +22,9 @@ The one place for them: when torch changes, this file says what to re-check.
   module cannot be chosen per module without swapping its class.
 * :func:`reuse_torchlib_registry`: ``torch.onnx.export(dynamo=True)`` builds its ATen -> ONNX
   registry from torchlib on every call (``_compat.export_compat`` -> ``ONNXRegistry.from_torchlib``;
-  onnxscript re-reads the source of ~500 functions with ``inspect.getsource``): 2.5-3 s of every
-  onnxruntime lowering here, whatever the model's size. The export only reads the registry (it
+  onnxscript re-reads the source of ~500 functions with ``inspect.getsource``): 1-1.5 s of every
+  onnxruntime lowering here (1.8 s the first time), whatever the model's size
+  (``benchmarks/onnx_registry.py``). The export only reads the registry (it
   writes to it only for a ``custom_translation_table``, which fxptqat never passes), so one build per
   opset serves every export of the process.
 """
