@@ -208,22 +208,28 @@ def reuse_torchlib_registry() -> Iterator[None]:
         from torch.onnx._internal.exporter import _registration
 
         cls = _registration.ONNXRegistry
-        original = cls.__dict__["from_torchlib"].__func__
+        cls.__dict__["from_torchlib"].__func__  # noqa: B018 (is it still the classmethod we patch?)
     except (ImportError, AttributeError, KeyError):
         yield
         return
 
-    def from_torchlib(klass, *args, **kwargs):
-        key = (klass, args, tuple(sorted(kwargs.items())))
-        built = _REGISTRIES.get(key)
-        if built is None:
-            built = _REGISTRIES[key] = original(klass, *args, **kwargs)
-        registry = klass.__new__(klass)
-        registry.__dict__.update(built.__dict__)
-        registry.functions = {k: list(v) for k, v in built.functions.items()}
-        return registry
+    with _REGISTRY_LOCK:  # read what to restore under the lock: another thread may have patched it
+        original = cls.__dict__["from_torchlib"].__func__
+        if getattr(original, "_fxptqat_reused", False):  # re-entered in this thread: already patched
+            yield
+            return
 
-    with _REGISTRY_LOCK:
+        def from_torchlib(klass, *args, **kwargs):
+            key = (klass, args, tuple(sorted(kwargs.items())))
+            built = _REGISTRIES.get(key)
+            if built is None:
+                built = _REGISTRIES[key] = original(klass, *args, **kwargs)
+            registry = klass.__new__(klass)
+            registry.__dict__.update(built.__dict__)
+            registry.functions = {k: list(v) for k, v in built.functions.items()}
+            return registry
+
+        from_torchlib._fxptqat_reused = True
         cls.from_torchlib = classmethod(from_torchlib)
         try:
             yield

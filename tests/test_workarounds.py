@@ -52,3 +52,35 @@ def test_lowered_model_is_the_same_with_and_without_the_reused_registry(monkeypa
     fresh = fq.lower(qat, runtime="onnxruntime", example_inputs=(x,))
     assert reused.model_bytes == again.model_bytes == fresh.model_bytes
     assert torch.equal(reused(x), fresh(x))
+
+
+def test_threads_and_nested_use_leave_the_exporters_own_method_in_place():
+    """A second thread waits for the first one's export; nesting in one thread patches once."""
+    import threading
+
+    cls = _registration.ONNXRegistry
+    original = cls.__dict__["from_torchlib"].__func__
+    inside, release = threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with workarounds.reuse_torchlib_registry():
+            inside.set()
+            release.wait(10)
+
+    def second():
+        inside.wait(10)
+        with workarounds.reuse_torchlib_registry():
+            seen.append(cls.__dict__["from_torchlib"].__func__)
+            with workarounds.reuse_torchlib_registry():  # nested: the same patch
+                assert cls.__dict__["from_torchlib"].__func__ is seen[0]
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    inside.wait(10)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(seen) == 1 and seen[0] is not original
+    assert cls.__dict__["from_torchlib"].__func__ is original
