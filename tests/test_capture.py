@@ -123,3 +123,19 @@ def test_a_subclass_computing_something_else_is_traced_into():
     targets = [n.target for n in qat.graph.nodes if n.op == "call_function"]
     assert torch.nn.functional.linear in targets  # its forward, traced: the scale stays in the graph
     assert type(qat.get_submodule("body")).__name__ == "Linear"  # the QAT Linear of the plain layer
+
+
+def test_captures_in_threads_give_the_graphs_of_captures_one_at_a_time():
+    """torch.fx patches nn.Module.__call__ while tracing: unserialized, a second thread's trace failed
+    with "module is not installed as a submodule" (and blamed the user's code)."""
+    import concurrent.futures
+
+    from helpers import make_small_net
+
+    x = torch.randn(4, 1, 6, 6)
+    config = fq.QuantConfig(weight_bits=8, act_bits=8)
+    nets = [make_small_net(seed) for seed in range(4)]
+    one_at_a_time = [fq.prepare(net, (x,), config=config).code for net in nets]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda net: fq.prepare(net, (x,), config=config).code, nets))
+    assert together == one_at_a_time
