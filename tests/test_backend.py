@@ -61,9 +61,10 @@ def test_registered_by_entry_point_in_a_fresh_process():
             return torch.fake_quantize_per_tensor_affine(x @ w, scale, zp, -8, 7).sum()
         torch.compile(f, backend="fxptqat")(torch.randn(2, 4)).backward()
         assert w.grad is not None
-        import fxptqat
+        import fxptqat, fxptqat.backend
+        assert torch._dynamo.lookup_backend("fxptqat") is fxptqat.backend.backend
         torch._dynamo.reset()
-        torch.compile(f, backend="fxptqat")(torch.randn(3, 4))
+        torch.compile(f, backend="fxptqat")(torch.randn(2, 4))  # (the same graph: inductor's cache has it)
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -437,6 +437,7 @@ def test_cli_plan_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("planning_compiled")  # one worker: the second reuses the first's FP-phase kernels
 @pytest.mark.parametrize("weight_scales", ["frozen", "track"])
 def test_train_with_plan_compiled_follows_eager(weight_scales):
     """compile=True: both phases through backend="fxptqat", the same losses as eager. With frozen
