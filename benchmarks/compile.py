@@ -13,8 +13,11 @@ targets, ``--threads`` intra-op threads (default 2):
   trains, BatchNorm in train mode), and for the AllLayers selection and for the PTQAT selection
   (``Threshold(0.01)`` on measure_error's report) ``qat-*/eager``, ``qat-*/inductor``
   (``backend="inductor"``: fake-quant stays an opaque ATen kernel) and ``qat-*/fxptqat``
-  (``backend="fxptqat"``: fake-quant rewritten into element-wise ops that inductor fuses). Each
-  variant has its own copy of the model and its own optimizer.
+  (``backend="fxptqat"``: fake-quant rewritten into element-wise ops that inductor fuses), and
+  ``qat-all/fxptqat-recompute`` (the same with ``options={"save_fake_quant": False}``: AOTAutograd's
+  partitioner recomputes every quantizer, and a quantized softmax, in the backward; the backend's
+  behaviour before session 17). Each variant has its own copy of the model and its
+  own optimizer.
 * a step is forward + cross-entropy + ``zero_grad`` + backward + ``optimizer.step()`` (the optimizer
   is never compiled). Each variant runs 2 warm-up steps, one variant after the other: their wall
   time is the compile time (Dynamo + AOTAutograd + inductor, with a fresh, empty inductor cache
@@ -72,6 +75,7 @@ import torch.nn.functional as F  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_JSON = RESULTS / "compile.json"
 WARMUP = 2
+RECOMPUTE = "fxptqat-recompute"  # backend="fxptqat", options={"save_fake_quant": False}
 CALIB_BATCHES = 4
 LR = 1e-4
 THETA = 0.01
@@ -237,7 +241,12 @@ class Variant:
 def _train_variant(name, kind, selection, mode, model: nn.Module) -> Variant:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    forward = model if mode == "eager" else torch.compile(model, backend=mode)
+    if mode == "eager":
+        forward = model
+    elif mode == RECOMPUTE:
+        forward = torch.compile(model, backend="fxptqat", options={"save_fake_quant": False})
+    else:
+        forward = torch.compile(model, backend=mode)
     record = {"variant": name, "kind": kind, "selection": selection, "mode": mode,
               "trainable_params": sum(p.numel() for p in params)}
     return Variant(name, kind, selection, mode, model, forward, torch.optim.Adam(params, lr=LR) if params else None,
@@ -297,6 +306,8 @@ def training(spec: ModelSpec, net: nn.Module, qats: dict, data: list, steps: int
     for selection, qat in qats.items():
         for mode in ("eager", "inductor", "fxptqat"):
             variants.append(_train_variant(f"qat-{selection}/{mode}", "qat", selection, mode, copy.deepcopy(qat)))
+        if selection == "all":
+            variants.append(_train_variant(f"qat-all/{RECOMPUTE}", "qat", selection, RECOMPUTE, copy.deepcopy(qat)))
     for v in variants:
         if v.optimizer is None:
             v.failed = True
@@ -320,7 +331,7 @@ def training(spec: ModelSpec, net: nn.Module, qats: dict, data: list, steps: int
         v.record["compile_s"] = round(time.perf_counter() - start, 2)
         d = _delta(before, _counters())
         v.record["graphs_compiled"] = d["unique_graphs"]
-        if v.mode == "fxptqat":
+        if v.mode in ("fxptqat", RECOMPUTE):
             v.record.update(fxptqat_graphs=d["fxptqat_graphs"], fused_graphs=d["fused_graphs"],
                             fake_quant_ops=d["fake_quant_ops"])
         log(f"{label}: {v.name} warm-up {v.record['compile_s']:.1f} s, {d['unique_graphs']} graph(s) compiled")
@@ -358,7 +369,7 @@ def training(spec: ModelSpec, net: nn.Module, qats: dict, data: list, steps: int
         _summarise_times(v)
         if v.mode != "eager" and not v.failed:
             v.record["recompiles"] = recompiles[v.name]["unique_graphs"]
-            if v.mode == "fxptqat":
+            if v.mode in ("fxptqat", RECOMPUTE):
                 v.record["recompiles_fxptqat_graphs"] = recompiles[v.name]["fxptqat_graphs"]
         elif v.mode == "eager":
             v.record["recompiles"] = 0
@@ -491,6 +502,7 @@ def ratios(train: list, infer: list, train_times: dict, infer_times: dict) -> di
         out[f"qat-{sel}/inductor over qat-{sel}/fxptqat"] = r(f"qat-{sel}/inductor", f"qat-{sel}/fxptqat")
     for mode in ("eager", "inductor", "fxptqat"):
         out[f"qat-ptqat/{mode} over qat-all/{mode}"] = r(f"qat-ptqat/{mode}", f"qat-all/{mode}")
+    out[f"qat-all/{RECOMPUTE} over qat-all/fxptqat"] = r(f"qat-all/{RECOMPUTE}", "qat-all/fxptqat")
     out["fp32/inductor over fp32/eager"] = r("fp32/inductor", "fp32/eager")
     key = "latency_ms_median"
     out["int8/fxptqat over int8/lower-inductor"] = r("int8/fxptqat", "int8/lower-inductor", ib, infer_times, key)
@@ -684,7 +696,7 @@ def markdown(data: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in m["training"]:
             note = r["error"].splitlines()[0][:120] if "error" in r else ""
-            if r.get("mode") == "fxptqat" and "fused_graphs" in r:
+            if r.get("mode") in ("fxptqat", RECOMPUTE) and "fused_graphs" in r:
                 note = note or f"{r['fake_quant_ops']} fake-quant ops fused in {r['fused_graphs']} graph(s)"
             lines.append(f"| {r['variant']} | {_fmt(r.get('step_ms_median'), 1)} | {_fmt(r.get('step_ms_p25'), 1)}-"
                          f"{_fmt(r.get('step_ms_p75'), 1)} | {_fmt(r.get('step_ms_min'), 1)} | {_fmt(r.get('compile_s'), 1)} | "

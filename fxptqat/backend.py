@@ -22,6 +22,10 @@ Options (``torch.compile(..., backend="fxptqat", options={...})``):
 
 ``fuse_fake_quant`` (default True): the rewrite above; False compiles the graph unchanged (what
     ``backend="inductor"`` does), for comparison.
+``save_fake_quant`` (default "auto"): which fused quantizers AOTAutograd's partitioner must keep
+    for the backward instead of recomputing them there (see :func:`rewrite_fake_quant`): "auto" the
+    quantizers of softmax outputs (and the softmax), True every one (more memory), False none (the
+    partitioner's own choice).
 ``int8`` (default "auto"): under ``torch.no_grad()`` (inference), lower every fake-quant call to
     the ``quantized_decomposed`` quantize/dequantize pair and compile with inductor's weight
     freezing, so that ``dequantize -> conv/linear`` runs on oneDNN's integer kernels -- the path of
@@ -61,6 +65,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .errors import ConfigError, LoweringError
 
@@ -75,7 +80,12 @@ FAKE_QUANT_OPS = {
     torch.ops.aten.fake_quantize_per_tensor_affine.tensor_qparams: "tensor",
     torch.ops.aten.fake_quantize_per_channel_affine.default: "channel",
 }
-_OPTIONS = {"fuse_fake_quant", "int8", "inductor"}
+_OPTIONS = {"fuse_fake_quant", "save_fake_quant", "int8", "inductor"}
+# ops whose backward reads their output, and whose output the partitioner would rather recompute
+# (exp and the reductions' results) than save when a quantizer is its only forward consumer
+_OUTPUT_READING_FUNCTIONS = frozenset({torch.softmax, torch.nn.functional.softmax, torch.log_softmax,
+                                       torch.nn.functional.log_softmax})
+_OUTPUT_READING_METHODS = frozenset({"softmax", "log_softmax"})
 
 
 def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -139,10 +149,31 @@ def _fake_quant_args(node: fx.Node) -> tuple[Any, ...]:
             values.get("axis"))
 
 
-def rewrite_fake_quant(gm: fx.GraphModule, mode: str = "fuse", example_inputs: Sequence = ()) -> int:
+def _reads_its_output(node) -> bool:
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target in _OUTPUT_READING_FUNCTIONS)
+        or (node.op == "call_method" and node.target in _OUTPUT_READING_METHODS))
+
+
+def rewrite_fake_quant(gm: fx.GraphModule, mode: str = "fuse", example_inputs: Sequence = (),
+                       save: bool | str = "auto") -> int:
     """Replace every fake-quant call in ``gm``: ``mode="fuse"`` by :func:`fake_quantize`,
     ``mode="qdq"`` by ``quantized_decomposed`` quantize/dequantize pairs (inference only).
-    Returns how many calls were replaced."""
+    Returns how many calls were replaced.
+
+    ``save`` (``mode="fuse"``): which new calls are marked ``MUST_SAVE`` for AOTAutograd's
+    partitioner (``node.meta["recompute"]``, the tag of selective activation checkpointing, which
+    tracing copies onto every op a call becomes), so that the backward loads the quantized value and
+    the straight-through mask the forward computed. Left to itself the partitioner, which counts
+    recomputing element-wise ops as free, saves a quantizer's input and recomputes quantize, round,
+    clamp and mask in the backward; where the input is a softmax -- whose backward reads its output,
+    and whose only forward consumer is now the quantizer -- it saves the softmax's input and
+    recomputes the softmax as well (each of SmallViT's four attention softmaxes). "auto" marks the
+    calls on a softmax or log-softmax output and that op itself (then the backward recomputes no
+    softmax), True every call (no quantization left in the backward: SmallViT's backward graph
+    673 ops against 2,507; more memory: mask and quantized value both kept), False none.
+    Measured side by side (benchmarks/compile.py, README): "auto" is the fastest on SmallViT, and True
+    makes ResNet-18's step slower (the saved masks cost more memory traffic than the recomputation)."""
     count = 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = {n: v for n, v in zip(placeholders, example_inputs, strict=False) if isinstance(v, torch.Tensor)}
@@ -158,6 +189,10 @@ def rewrite_fake_quant(gm: fx.GraphModule, mode: str = "fuse", example_inputs: S
             else:
                 new = _qdq(gm.graph, x, scale, zero_point, qmin, qmax, axis)
         new.meta.update(node.meta)
+        if mode == "fuse" and (save is True or (save == "auto" and _reads_its_output(x))):
+            new.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+            if save == "auto":
+                x.meta["recompute"] = CheckpointPolicy.MUST_SAVE
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
@@ -487,6 +522,9 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None =
     int8 = options.get("int8", "auto")
     if int8 not in ("auto", True, False):
         raise ConfigError(f"backend='fxptqat': int8={int8!r}; choose 'auto', True or False.")
+    save = options.get("save_fake_quant", "auto")
+    if not (save == "auto" or isinstance(save, bool)):
+        raise ConfigError(f"backend='fxptqat': save_fake_quant={save!r}; choose 'auto', True or False.")
     inductor = dict(options.get("inductor") or {})
     counters = dynamo_utils.counters["fxptqat"]
     counters["graphs"] += 1
@@ -511,7 +549,7 @@ def backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None =
         counters["int8_refused"] += 1
     if options.get("fuse_fake_quant", True):
         counters["repeated_fake_quant_dropped"] += drop_repeated_fake_quant(gm, example_inputs)
-        rewrite_fake_quant(gm, "fuse")
+        rewrite_fake_quant(gm, "fuse", save=save)
         counters["fused_graphs"] += 1
     return compile_fx(gm, example_inputs, config_patches=inductor or None)
 

@@ -457,3 +457,76 @@ def test_a_transformers_reshaped_qkv_are_not_fake_quantized_again():
     assert grads_c.keys() == grads_e.keys() and grads_e
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _partitioned_backend(save, graphs):
+    """A Dynamo backend doing what ``backend="fxptqat"`` does before inductor (drop repeated calls,
+    fuse), then AOTAutograd with inductor's partitioner and decompositions, running the partitioned
+    forward and backward graphs as Python (no C++ compile) and recording them."""
+    from functools import partial
+
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    from fxptqat.backend import drop_repeated_fake_quant, rewrite_fake_quant
+
+    def record(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] = gm
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    inner = aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"),
+                         partition_fn=partial(min_cut_rematerialization_partition, compiler="inductor"),
+                         decompositions=select_decomp_table())
+
+    def backend(gm, example_inputs):
+        drop_repeated_fake_quant(gm, example_inputs)
+        rewrite_fake_quant(gm, "fuse", save=save)
+        return inner(gm, example_inputs)
+    return backend
+
+
+def _ops(gm):
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("save", ["auto", True, False])
+def test_what_the_backward_recomputes_follows_save_fake_quant(save):
+    """The backward AOTAutograd partitions out of a transformer's training graph: by default
+    ("auto") it recomputes no softmax (the softmax and its quantizer are tagged MUST_SAVE) but still
+    recomputes the other quantizers from their saved inputs; with True it recomputes no quantizer
+    either; with False (the partitioner's own choice) it recomputes the softmax and the quantizers.
+    Gradients equal eager's in each case."""
+    from fxptqat.examples.models import SmallViT
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 1, 8, 8, generator=g),) for _ in range(2)]
+    net = SmallViT(num_classes=3, image_size=8, patch_size=4, dim=8, depth=1, heads=2).eval()
+    net.blocks[0].act = nn.ReLU()  # GELU's recomputation has an exp of its own: the only exp is the softmax's
+    qat = fq.prepare(net, batches[0], config=fq.QuantConfig(weight_bits=4))
+    fq.calibrate(qat, batches)
+    eager, compiled_model = copy.deepcopy(qat).train(), copy.deepcopy(qat).train()
+    torch._dynamo.reset()
+    graphs = {}
+    compiled = torch.compile(compiled_model, backend=_partitioned_backend(save, graphs))
+    y = torch.tensor([0, 1, 2, 0])
+    loss_e, grads_e = _grads(eager, batches[0][0], y)
+    loss_c, grads_c = _grads(compiled_model, batches[0][0], y, compiled)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    assert grads_c.keys() == grads_e.keys() and grads_e
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+    forward, backward = _ops(graphs["forward"]), _ops(graphs["backward"])
+    assert "aten.round.default" in forward and "aten.exp.default" in forward
+    assert ("aten.round.default" in backward) == (save is not True), backward
+    assert ("aten.exp.default" in backward) == (save is False), backward
+
+
+def test_save_fake_quant_option_is_checked():
+    qat, batches = _qat()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="save_fake_quant='yes'"):
+        torch.compile(qat.train(), backend="fxptqat", options={"save_fake_quant": "yes"})(*batches[0])

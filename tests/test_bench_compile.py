@@ -17,7 +17,7 @@ pytestmark = pytest.mark.xdist_group("bench_compile")  # its module fixture runs
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "compile.py"
 TRAINING = {"fp32/eager", "fp32/inductor"} | {f"qat-{s}/{m}" for s in ("all", "ptqat")
-                                              for m in ("eager", "inductor", "fxptqat")}
+                                              for m in ("eager", "inductor", "fxptqat")} | {"qat-all/fxptqat-recompute"}
 INFERENCE = {"int8/fxptqat", "int8/fxptqat+dict-tags", "int8/lower-inductor", "fake-quant/eager", "fp32/eager", "fp32/inductor"}
 
 
@@ -64,7 +64,7 @@ def test_every_variant_is_timed_with_zero_recompiles(quick):
             assert math.isfinite(r["final_loss"])
             if r["mode"] != "eager":
                 assert r["graphs_compiled"] >= 1
-            if r["mode"] == "fxptqat":
+            if r["mode"] in ("fxptqat", "fxptqat-recompute"):
                 assert r["fused_graphs"] >= 1 and r["fake_quant_ops"] >= 3 and r["recompiles_fxptqat_graphs"] == 0
         infer = {r["variant"]: r for r in m["inference"]["variants"]}
         assert set(infer) == INFERENCE
@@ -84,7 +84,7 @@ def test_ratios_are_finite_and_goals_judged(quick):
         assert r["best_fp32"] in ("fp32/eager", "fp32/inductor")
         keys = ["qat-all/fxptqat over best fp32", "qat-all/eager over qat-all/fxptqat",
                 "qat-all/inductor over qat-all/fxptqat", "int8/fxptqat over int8/lower-inductor",
-                "int8/fxptqat+dict-tags over int8/lower-inductor"]
+                "int8/fxptqat+dict-tags over int8/lower-inductor", "qat-all/fxptqat-recompute over qat-all/fxptqat"]
         if m["ptqat_layers"]:
             keys += ["qat-ptqat/fxptqat over best fp32", "qat-ptqat/eager over qat-ptqat/fxptqat"]
             keys += [f"qat-ptqat/{mode} over qat-all/{mode}" for mode in ("eager", "inductor", "fxptqat")]
