@@ -204,6 +204,7 @@ def _counters() -> dict:
     return {"unique_graphs": counters["stats"]["unique_graphs"], "fxptqat_graphs": counters["fxptqat"]["graphs"],
             "fused_graphs": counters["fxptqat"]["fused_graphs"], "fake_quant_ops": counters["fxptqat"]["fake_quant_ops"],
             "int8_graphs": counters["fxptqat"]["int8_graphs"], "int8_refused": counters["fxptqat"]["int8_refused"],
+            "frozen_guards_dropped": counters["fxptqat"]["frozen_tensor_guards_dropped"],
             "qconv_prepack": counters["inductor"]["qconv_weight_prepack_matcher_count"],
             "qlinear_prepack": counters["inductor"]["qlinear_weight_prepack_matcher_count"]}
 
@@ -378,6 +379,7 @@ def training(spec: ModelSpec, net: nn.Module, qats: dict, data: list, steps: int
 
 # -- INT8 inference -------------------------------------------------------------------------------
 DICT_TAGS = "int8/fxptqat+dict-tags"
+KEEP_GUARDS = "int8/fxptqat-keep-guards"  # drop_frozen_guards=False: every tensor guard Dynamo installed
 
 
 def _under_dynamo_config(fn: Callable, **config) -> Callable:
@@ -400,6 +402,8 @@ def inference(spec: ModelSpec, net: nn.Module, qat: nn.Module, x: torch.Tensor, 
         # (the patch is entered on every call and its cost counted; it matters when a call compiles)
         DICT_TAGS: lambda: _under_dynamo_config(torch.compile(copy.deepcopy(qat).eval(), backend="fxptqat"),
                                                 use_recursive_dict_tags_for_guards=True),
+        KEEP_GUARDS: lambda: torch.compile(copy.deepcopy(qat).eval(), backend="fxptqat",
+                                           options={"drop_frozen_guards": False}),
         "int8/lower-inductor": lambda: fq.lower(copy.deepcopy(qat).eval(), runtime="inductor", example_inputs=(x,)),
         "fake-quant/eager": lambda: copy.deepcopy(qat).eval(),
         "fp32/eager": lambda: copy.deepcopy(net).eval(),
@@ -425,8 +429,9 @@ def inference(spec: ModelSpec, net: nn.Module, qat: nn.Module, x: torch.Tensor, 
         it.record["compile_s"] = round(time.perf_counter() - start, 2)  # lower(): the lowering and its compile
         d = _delta(before, _counters())
         it.record["graphs_compiled"] = d["unique_graphs"]
-        if name in ("int8/fxptqat", DICT_TAGS):
+        if name in ("int8/fxptqat", DICT_TAGS, KEEP_GUARDS):
             it.record.update(int8_graphs=d["int8_graphs"], int8_refused=d["int8_refused"],
+                             frozen_tensor_guards_dropped=d["frozen_guards_dropped"],
                              qconv_prepack_matches=d["qconv_prepack"], qlinear_prepack_matches=d["qlinear_prepack"])
         log(f"{label}: inference {name} warm-up {it.record['compile_s']:.1f} s")
     recompiles = {it.name: 0 for it in items}
@@ -451,7 +456,7 @@ def inference(spec: ModelSpec, net: nn.Module, qat: nn.Module, x: torch.Tensor, 
             it.record["latency_ms_min"] = it.record.pop("step_ms_min")
             it.record["latency_ms_all"] = it.record.pop("step_ms_all")
     ref = outputs.get("fake-quant/eager")
-    for name in ("int8/fxptqat", DICT_TAGS, "int8/lower-inductor"):
+    for name in ("int8/fxptqat", DICT_TAGS, KEEP_GUARDS, "int8/lower-inductor"):
         if name in outputs and ref is not None:
             rec = next(it.record for it in items if it.name == name)
             rec["max_abs_diff_vs_fake_quant"] = float((outputs[name] - ref).abs().max())
@@ -507,6 +512,7 @@ def ratios(train: list, infer: list, train_times: dict, infer_times: dict) -> di
     key = "latency_ms_median"
     out["int8/fxptqat over int8/lower-inductor"] = r("int8/fxptqat", "int8/lower-inductor", ib, infer_times, key)
     out[f"{DICT_TAGS} over int8/lower-inductor"] = r(DICT_TAGS, "int8/lower-inductor", ib, infer_times, key)
+    out[f"{KEEP_GUARDS} over int8/lower-inductor"] = r(KEEP_GUARDS, "int8/lower-inductor", ib, infer_times, key)
     out["int8/fxptqat over fp32/inductor (inference)"] = r("int8/fxptqat", "fp32/inductor", ib, infer_times, key)
     return out
 
@@ -708,9 +714,11 @@ def markdown(data: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in inf["variants"]:
             note = r["error"].splitlines()[0][:120] if "error" in r else ""
-            if r["variant"] in ("int8/fxptqat", DICT_TAGS) and "int8_graphs" in r:
+            if r["variant"] in ("int8/fxptqat", DICT_TAGS, KEEP_GUARDS) and "int8_graphs" in r:
                 note = note or (f"{r['int8_graphs']} INT8 graph(s), {r['int8_refused']} refused, oneDNN prepack "
-                                f"matches: {r['qconv_prepack_matches']} conv, {r['qlinear_prepack_matches']} linear")
+                                f"matches: {r['qconv_prepack_matches']} conv, {r['qlinear_prepack_matches']} linear"
+                                + (f"; {r['frozen_tensor_guards_dropped']} frozen tensors' guards dropped"
+                                   if r.get("frozen_tensor_guards_dropped") else ""))
             if "max_abs_diff_vs_fake_quant" in r:
                 note += f"; max abs diff vs fake-quant {r['max_abs_diff_vs_fake_quant']:.2e}"
             lines.append(f"| {r['variant']} | {_fmt(r.get('latency_ms_median'), 2)} | {_fmt(r.get('latency_ms_p25'), 2)}-"

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "compile.py"
 TRAINING = {"fp32/eager", "fp32/inductor"} | {f"qat-{s}/{m}" for s in ("all", "ptqat")
                                               for m in ("eager", "inductor", "fxptqat")} | {"qat-all/fxptqat-recompute"}
-INFERENCE = {"int8/fxptqat", "int8/fxptqat+dict-tags", "int8/lower-inductor", "fake-quant/eager", "fp32/eager", "fp32/inductor"}
+INFERENCE = {"int8/fxptqat", "int8/fxptqat+dict-tags", "int8/fxptqat-keep-guards", "int8/lower-inductor", "fake-quant/eager", "fp32/eager", "fp32/inductor"}
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,11 @@ def test_every_variant_is_timed_with_zero_recompiles(quick):
         assert set(infer) == INFERENCE
         for r in infer.values():
             assert "error" not in r and r["latency_ms_median"] > 0 and r["recompiles"] == 0, r
-        for name in ("int8/fxptqat", "int8/fxptqat+dict-tags"):
+        for name in ("int8/fxptqat", "int8/fxptqat+dict-tags", "int8/fxptqat-keep-guards"):
             assert infer[name]["int8_graphs"] >= 1 and infer[name]["int8_refused"] == 0, name
             assert infer[name]["max_abs_diff_vs_fake_quant"] < 1e-4, name
+        assert infer["int8/fxptqat"]["frozen_tensor_guards_dropped"] > 0
+        assert infer["int8/fxptqat-keep-guards"]["frozen_tensor_guards_dropped"] == 0
         assert m["inference"]["parity"] == {"ok": True, "coverage": 1.0}
         assert m["inference"]["max_abs_diff_compiled_vs_lower"] < 1e-4
 
@@ -84,7 +86,8 @@ def test_ratios_are_finite_and_goals_judged(quick):
         assert r["best_fp32"] in ("fp32/eager", "fp32/inductor")
         keys = ["qat-all/fxptqat over best fp32", "qat-all/eager over qat-all/fxptqat",
                 "qat-all/inductor over qat-all/fxptqat", "int8/fxptqat over int8/lower-inductor",
-                "int8/fxptqat+dict-tags over int8/lower-inductor", "qat-all/fxptqat-recompute over qat-all/fxptqat"]
+                "int8/fxptqat+dict-tags over int8/lower-inductor", "int8/fxptqat-keep-guards over int8/lower-inductor",
+                "qat-all/fxptqat-recompute over qat-all/fxptqat"]
         if m["ptqat_layers"]:
             keys += ["qat-ptqat/fxptqat over best fp32", "qat-ptqat/eager over qat-ptqat/fxptqat"]
             keys += [f"qat-ptqat/{mode} over qat-all/{mode}" for mode in ("eager", "inductor", "fxptqat")]
