@@ -22,7 +22,11 @@ from torch.ao.quantization.observer import (
     PerChannelMinMaxObserver,
 )
 
+from .workarounds import fake_quant_symbolic_shapes
+
 __all__ = ["FakeQuantize", "is_quantizer"]
+
+fake_quant_symbolic_shapes()  # tracing under dynamic shapes without a break per quantizer (workarounds.py)
 
 
 def is_quantizer(module) -> bool:

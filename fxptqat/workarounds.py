@@ -27,6 +27,15 @@ The one place for them: when torch changes, this file says what to re-check.
   (``benchmarks/onnx_registry.py``). The export only reads the registry (it
   writes to it only for a ``custom_translation_table``, which fxptqat never passes), so one build per
   opset serves every export of the process.
+* :func:`fake_quant_symbolic_shapes`: torch's fake-quant ops have no meta kernel (the ``*_cachemask``
+  forwards; cf. pytorch/pytorch#157729 for ``quantize_per_tensor.tensor_qparams``). With static
+  shapes FakeTensor runs the real kernel on zeros instead, but under the dynamic shapes of a
+  recompile (a ragged last batch, a new sequence length) it cannot, and Dynamo breaks the graph at
+  every quantizer; their backward (``*_cachemask_backward``, a C++ composite that checks
+  ``numel()``) then fails to trace with symbolic sizes under AOTAutograd. Registered once, at
+  ``import fxptqat``: a meta kernel for each forward (outputs shaped and strided like the input,
+  as the CPU kernel makes them) and a Python-dispatcher kernel ``grad * mask`` for each backward,
+  only where torch has none.
 """
 
 from __future__ import annotations
@@ -50,7 +59,7 @@ from .errors import LoweringError
 __all__ = [
     "release_device_cache", "exact_u8s8_kernels", "may_saturate", "x86_routes_to_fbgemm",
     "exact_kernel_engine", "refuse_saturating_kernels", "pin_packing_engine", "packed_with",
-    "CONVS", "LINEARS", "ENGINES",
+    "CONVS", "LINEARS", "ENGINES", "fake_quant_symbolic_shapes",
 ]
 
 ENGINES = ("onednn", "qnnpack")  # the engines a module can be pinned to
@@ -235,3 +244,41 @@ def reuse_torchlib_registry() -> Iterator[None]:
             yield
         finally:
             cls.from_torchlib = classmethod(original)
+
+
+_CACHEMASK_FORWARDS = ("fake_quantize_per_tensor_affine_cachemask",
+                       "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+                       "fake_quantize_per_channel_affine_cachemask")
+_CACHEMASK_BACKWARDS = ("fake_quantize_per_tensor_affine_cachemask_backward",
+                        "fake_quantize_per_channel_affine_cachemask_backward")
+_META_LIBRARY: list = []  # the torch.library.Library that holds the kernels (alive for the process)
+_META_LOCK = threading.Lock()
+
+
+def _cachemask_meta(x: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _cachemask_backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return grad * mask
+
+
+def fake_quant_symbolic_shapes() -> list[str]:
+    """Give torch's fake-quant ops what tracing with symbolic shapes needs (see the module
+    docstring); idempotent. Returns the kernels registered by this call."""
+    from torch._C import DispatchKey
+
+    added = []
+    with _META_LOCK:
+        for name in _CACHEMASK_FORWARDS:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", "Meta"):
+                if not _META_LIBRARY:
+                    _META_LIBRARY.append(torch.library.Library("aten", "IMPL"))
+                _META_LIBRARY[0].impl(name, _cachemask_meta, "Meta")
+                added.append(f"{name}: Meta")
+        for name in _CACHEMASK_BACKWARDS:
+            op = getattr(torch.ops.aten, name).default
+            if DispatchKey.CompositeImplicitAutograd not in op.py_kernels:
+                op.py_impl(DispatchKey.CompositeImplicitAutograd)(_cachemask_backward)
+                added.append(f"{name}: CompositeImplicitAutograd (Python dispatcher)")
+    return added
