@@ -277,6 +277,41 @@ def test_int8_drops_the_guards_of_frozen_tensors_and_still_recompiles_on_every_o
     assert counters["fxptqat"]["int8_graphs"] == 1 and not counters["fxptqat"]["frozen_tensor_guards_dropped"]
 
 
+def test_int8_compiles_again_when_training_changed_the_frozen_weights():
+    """Evaluate, train through the same compiled model, evaluate again: the INT8 graph froze the
+    weights and quantizer parameters, so it must not run the old constants (an in-place change bumps
+    their version counters)."""
+    qat, batches = _qat(weight_bits=7)
+    x = batches[0][0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(qat, backend="fxptqat")
+    qat.eval()
+    with torch.no_grad():
+        before = compiled(x)
+        compiled(x)
+    assert counters["fxptqat"]["int8_graphs"] == 1 and not counters["fxptqat"]["int8_refrozen"]
+    qat.train()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.05)
+    for xb, in batches:
+        loss = compiled(xb).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    with torch.no_grad():
+        after, again, eager = compiled(x), compiled(x), qat(x)
+    assert not torch.allclose(after, before, atol=1e-3)  # training moved the output
+    torch.testing.assert_close(after, eager, rtol=0, atol=1e-4)
+    torch.testing.assert_close(again, after, rtol=0, atol=0)
+    assert counters["fxptqat"]["int8_refrozen"] == 1  # once, not on every call
+    with torch.no_grad():  # load_state_dict copies in place too
+        state = {k: v * 0.5 if k.endswith("weight") else v for k, v in qat.state_dict().items()}
+        qat.load_state_dict(state)
+        torch.testing.assert_close(compiled(x), qat(x), rtol=0, atol=1e-4)
+    assert counters["fxptqat"]["int8_refrozen"] == 2 and counters["fxptqat"]["int8_graphs"] == 1
+
+
 @pytest.mark.parametrize("backend", ["fxptqat", "inductor"])
 def test_a_ragged_last_batch_recompiles_once_without_a_graph_break(backend):
     """A new batch size makes Dynamo recompile with dynamic shapes, where torch's fake-quant ops have
