@@ -608,7 +608,7 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
     frozen_tensors = [t for i, t in enumerate(example_inputs) if i not in keep and isinstance(t, torch.Tensor)]
     pristine = _graph_copy(gm)
     compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)
-    state = {"compiled": compiled, "version": _version_sum(frozen_tensors)}
+    state = {"compiled": compiled, "version": _version_sum(frozen_tensors), "refrozen": None}
     if drop_guards:
         try:
             counters["frozen_tensor_guards_dropped"] += _drop_frozen_tensor_guards(frozen)
@@ -622,6 +622,8 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
         if len(args) == n_inputs and n_inputs != len(keep):
             args = [args[i] for i in keep]
         version = _version_sum(frozen_tensors)
+        if version == state["version"] and state["refrozen"] is None:
+            return state["compiled"](*args)  # aot_autograd's forward binds the frozen parameters itself
         if version != state["version"]:
             # the frozen weights or quantizer parameters changed in place since this graph was
             # compiled (training between two evaluations): compile again from the same graph with
@@ -629,10 +631,14 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
             log.info("backend='fxptqat': a frozen weight or quantizer parameter changed in place since the "
                      "INT8 graph was compiled; compiling it again with the current values")
             counters["int8_refrozen"] += 1
+            state["version"], state["refrozen"] = version, {}
+        # compiled outside Dynamo, for these inputs' shapes (a graph Dynamo made dynamic gets one
+        # compile per shape it is called with)
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in state["refrozen"]:
             with torch.no_grad():
-                state["compiled"] = compile_fx(_graph_copy(pristine), list(args), config_patches=patches)
-            state["version"] = version
-        return state["compiled"](*args)  # aot_autograd's forward binds the frozen parameters itself
+                state["refrozen"][key] = compile_fx(_graph_copy(pristine), list(args), config_patches=patches)
+        return state["refrozen"][key](*args)
     return run
 
 

@@ -310,6 +310,14 @@ def test_int8_compiles_again_when_training_changed_the_frozen_weights():
         qat.load_state_dict(state)
         torch.testing.assert_close(compiled(x), qat(x), rtol=0, atol=1e-4)
     assert counters["fxptqat"]["int8_refrozen"] == 2 and counters["fxptqat"]["int8_graphs"] == 1
+    with torch.no_grad():  # a graph Dynamo made dynamic in the batch size, refrozen, then other sizes
+        compiled(x[:2])
+        assert counters["fxptqat"]["int8_graphs"] == 2
+        for p in qat.parameters():
+            p.mul_(0.9)
+        for n in (3, 2, 3):
+            torch.testing.assert_close(compiled(x[:n]), qat(x[:n]), rtol=0, atol=1e-4)
+    assert counters["fxptqat"]["int8_refrozen"] == 3 and counters["fxptqat"]["int8_graphs"] == 2
 
 
 @pytest.mark.parametrize("backend", ["fxptqat", "inductor"])
