@@ -379,7 +379,7 @@ def training(spec: ModelSpec, net: nn.Module, qats: dict, data: list, steps: int
 
 # -- INT8 inference -------------------------------------------------------------------------------
 DICT_TAGS = "int8/fxptqat+dict-tags"
-KEEP_GUARDS = "int8/fxptqat-keep-guards"  # drop_frozen_guards=False: every tensor guard Dynamo installed
+KEEP_GUARDS = "int8/fxptqat-keep-guards"  # every guard Dynamo installed, checked one by one (the old default)
 
 
 def _under_dynamo_config(fn: Callable, **config) -> Callable:
@@ -403,7 +403,7 @@ def inference(spec: ModelSpec, net: nn.Module, qat: nn.Module, x: torch.Tensor, 
         DICT_TAGS: lambda: _under_dynamo_config(torch.compile(copy.deepcopy(qat).eval(), backend="fxptqat"),
                                                 use_recursive_dict_tags_for_guards=True),
         KEEP_GUARDS: lambda: torch.compile(copy.deepcopy(qat).eval(), backend="fxptqat",
-                                           options={"drop_frozen_guards": False}),
+                                           options={"drop_frozen_guards": False, "dict_tag_guards": False}),
         "int8/lower-inductor": lambda: fq.lower(copy.deepcopy(qat).eval(), runtime="inductor", example_inputs=(x,)),
         "fake-quant/eager": lambda: copy.deepcopy(qat).eval(),
         "fp32/eager": lambda: copy.deepcopy(net).eval(),

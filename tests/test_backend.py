@@ -259,9 +259,15 @@ def test_int8_drops_the_guards_of_frozen_tensors_and_still_recompiles_on_every_o
         torch.testing.assert_close(compiled(x), switched, rtol=0, atol=1e-4)
         assert counters["stats"]["unique_graphs"] == graphs + 1
         quantizer.enable_fake_quant(True)
+        # the guards were built with Dynamo's recursive dict tags (dict_tag_guards; the switched
+        # quantizer above was still seen), and the setting was put back once the compile ended
+        assert counters["fxptqat"]["dict_tag_guard_frames"] == 2
+        assert torch._dynamo.config.use_recursive_dict_tags_for_guards is False
+        torch.testing.assert_close(compiled(x), out, rtol=0, atol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
         small = x[:2]  # a new batch size: the input's guard is kept
         torch.testing.assert_close(compiled(small), qat(small), rtol=0, atol=1e-4)
-        assert counters["stats"]["unique_graphs"] == graphs + 2  # one graph, dynamic in the batch size
+        assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, dynamic in the batch size
         assert not counters["graph_break"]
     qat.train()  # training mode and gradients: the fused QAT graph, which gives gradients
     loss = compiled(x).sum()
@@ -372,8 +378,9 @@ def test_bad_options_and_graphs_without_fake_quant(caplog):
     torch._dynamo.reset()
     with pytest.raises(Exception, match="int8=True compiles inference graphs only"):
         torch.compile(qat.train(), backend="fxptqat", options={"int8": True})(*batches[0])
-    with pytest.raises(Exception, match="drop_frozen_guards"):
-        torch.compile(qat.train(), backend="fxptqat", options={"drop_frozen_guards": "yes"})(*batches[0])
+    for option in ("drop_frozen_guards", "dict_tag_guards"):
+        with pytest.raises(Exception, match=option):
+            torch.compile(qat.train(), backend="fxptqat", options={option: "yes"})(*batches[0])
     torch._dynamo.reset()
     counters.clear()
     plain = nn.Linear(4, 2)
