@@ -763,6 +763,19 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """The benchmark; inductor's freezing (set for the compiled backends) and the thread count are
+    put back afterwards, so that an in-process caller (the test suite) keeps its own."""
+    import torch._inductor.config as inductor_config
+
+    threads = torch.get_num_threads()
+    try:
+        with inductor_config.patch(freezing=inductor_config.freezing):
+            return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:

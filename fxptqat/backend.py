@@ -643,7 +643,9 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
     patches = {"freezing": True, **inductor}
     # what the graph froze, to see an in-place change later (an optimizer step, load_state_dict, an
     # observer): a tensor's version counter, shared with the detached alias the graph holds, only grows
-    frozen_tensors = [t for i, t in enumerate(example_inputs) if i not in keep and isinstance(t, torch.Tensor)]
+    # (the graph's attributes: the inputs made constants here, detached aliases sharing the counters,
+    # and those Dynamo itself made attributes when inductor's freezing was on while it traced)
+    frozen_tensors = [*gm.parameters(), *gm.buffers()]
     pristine = _graph_copy(gm)
     compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)
     state = {"compiled": compiled, "version": _version_sum(frozen_tensors), "refrozen": None}

@@ -267,7 +267,9 @@ def test_int8_drops_the_guards_of_frozen_tensors_and_still_recompiles_on_every_o
         graphs = counters["stats"]["unique_graphs"]
         small = x[:2]  # a new batch size: the input's guard is kept
         torch.testing.assert_close(compiled(small), qat(small), rtol=0, atol=1e-4)
-        assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, dynamic in the batch size
+        # one more graph, dynamic in the batch size (none if Dynamo's profile-guided dynamism, which
+        # remembers code locations across the process, made the first compile dynamic already)
+        assert counters["stats"]["unique_graphs"] <= graphs + 1
         assert not counters["graph_break"]
     qat.train()  # training mode and gradients: the fused QAT graph, which gives gradients
     loss = compiled(x).sum()
@@ -283,10 +285,19 @@ def test_int8_drops_the_guards_of_frozen_tensors_and_still_recompiles_on_every_o
     assert counters["fxptqat"]["int8_graphs"] == 1 and not counters["fxptqat"]["frozen_tensor_guards_dropped"]
 
 
-def test_int8_compiles_again_when_training_changed_the_frozen_weights():
+@pytest.mark.parametrize("global_freezing", [False, True])
+def test_int8_compiles_again_when_training_changed_the_frozen_weights(global_freezing):
     """Evaluate, train through the same compiled model, evaluate again: the INT8 graph froze the
     weights and quantizer parameters, so it must not run the old constants (an in-place change bumps
-    their version counters)."""
+    their version counters). Also with inductor's freezing set globally, where Dynamo itself makes
+    the parameters graph attributes."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=global_freezing):
+        _train_between_evaluations()
+
+
+def _train_between_evaluations():
     qat, batches = _qat(weight_bits=7)
     x = batches[0][0]
     torch._dynamo.reset()
@@ -318,12 +329,11 @@ def test_int8_compiles_again_when_training_changed_the_frozen_weights():
     assert counters["fxptqat"]["int8_refrozen"] == 2 and counters["fxptqat"]["int8_graphs"] == 1
     with torch.no_grad():  # a graph Dynamo made dynamic in the batch size, refrozen, then other sizes
         compiled(x[:2])
-        assert counters["fxptqat"]["int8_graphs"] == 2
         for p in qat.parameters():
             p.mul_(0.9)
         for n in (3, 2, 3):
             torch.testing.assert_close(compiled(x[:n]), qat(x[:n]), rtol=0, atol=1e-4)
-    assert counters["fxptqat"]["int8_refrozen"] == 3 and counters["fxptqat"]["int8_graphs"] == 2
+    assert counters["fxptqat"]["int8_refrozen"] == 3 and counters["fxptqat"]["int8_graphs"] <= 2
 
 
 @pytest.mark.parametrize("backend", ["fxptqat", "inductor"])
@@ -347,7 +357,8 @@ def test_a_ragged_last_batch_recompiles_once_without_a_graph_break(backend):
         assert grads.keys() == eager_grads.keys()
         for name in grads:
             torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters["graph_break"])
+    # 2: one recompile, dynamic (1 if Dynamo's profile-guided dynamism made the first compile dynamic)
+    assert counters["stats"]["unique_graphs"] <= 2 and not counters["graph_break"], dict(counters["graph_break"])
 
 
 @pytest.mark.skipif(exact_u8s8_kernels(), reason="this CPU has AVX-512 VNNI: oneDNN is exact with 8-bit weights")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.xdist_group("bench_deploy")  # its module fixture runs once: one worker
 
@@ -107,7 +108,13 @@ def test_ort_peer_runs_when_installed(deploy, tmp_path):
 def test_pt2e_peer_runs_when_installed(deploy, tmp_path):
     pytest.importorskip("torchao")
     out = tmp_path / "deploy.json"
+    import torch._inductor.config as inductor_config
+
+    freezing, threads = inductor_config.freezing, torch.get_num_threads()
     deploy.main([*TINY, "--backends", "fp32_eager", "pt2e_inductor_int8", "--no-memory", "--json", str(out)])
+    # the compiled backends set inductor's freezing: put back, or every later test in this worker
+    # traces under no_grad with parameters frozen into graph attributes
+    assert inductor_config.freezing == freezing and torch.get_num_threads() == threads
     pt2e = _records(out)["pt2e_inductor_int8"]
     assert pt2e["status"] == "ok", pt2e.get("reason")
     assert pt2e["size_vs_fp32"] < 1.0
