@@ -192,6 +192,8 @@ RECIPES = {
     "fxptqat_weighted_histogram_bc": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram",
                                                     bias_correction=True),
     "fxptqat_weighted_ao_histogram": fxptqat_recipe(quantized_ops="weighted", act_observer="ao_histogram"),
+    "fxptqat_weighted_robust_histogram_bc": fxptqat_recipe(quantized_ops="weighted", act_observer="robust_histogram",
+                                                           bias_correction=True),
     "fxptqat_weighted_histogram_bc_full": fxptqat_recipe(quantized_ops="weighted", act_observer="histogram",
                                                          bias_correction=True, weight_range="full"),
     # PT2E's recipe exactly (its ops, estimator and weight grid): what is left is float rounding

@@ -10,8 +10,9 @@ re-estimates BatchNorm statistics; inputs ``torch.randn`` at ``--image-size``, b
    ``select_trainable(policy=Adaptive())`` -> ``lower()`` (runtime "torch") -> ``check_parity``, and
    ``torch._dynamo.explain`` of the QAT graph (only when ``--runtimes`` includes "torch").
 2. fxptqat's accuracy recipe, ``quantized_ops="weighted"`` (the ops PT2E's X86InductorQuantizer
-   quantizes) with ``act_observer="histogram"`` and ``bias_correction=True`` (the record's
-   ``weighted_recipe``; records before it was added ran without bias correction): ``prepare`` ->
+   quantizes) with ``act_observer="robust_histogram"`` and ``bias_correction=True`` (the record's
+   ``weighted_recipe``; records before it was added ran without bias correction, records before
+   session 19 with ``act_observer="histogram"``): ``prepare`` ->
    ``calibrate`` -> ``lower(runtime="onnxruntime")`` and ``lower(runtime="inductor")``, each ->
    ``check_parity``.
 3. Fidelity on 8 fresh random images: cosine similarity of each sample's logits to the FP32 model's
@@ -55,7 +56,7 @@ import zoo_models as zm  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = ("resnet18", "mobilenet_v3_small", "timm/vit_tiny_patch16_224")
 RUNTIMES = ("torch", "onnxruntime", "inductor")
-WEIGHTED_RECIPE = {"quantized_ops": "weighted", "act_observer": "histogram", "bias_correction": True}
+WEIGHTED_RECIPE = {"quantized_ops": "weighted", "act_observer": "robust_histogram", "bias_correction": True}
 # Peak RSS of a whole model run per parameter, the most measured here: vit_b_16 3.3 GB for 86 M parameters
 # (40 B), convnext_base 4.7 GB for 89 M (53 B), ~1 GB of each imports and kernels. It holds the FP32 model,
 # two prepared copies, their INT8 / reference / ONNX lowerings, the PT2E and FX copies.
@@ -166,8 +167,8 @@ def run_fxptqat(step: Recorder, s: Settings, model, calib, x, ref) -> None:
             rec["fidelity"]["fxptqat"] = (rec["runtimes"].get("torch") or {}).get("cosine_vs_fp32")
         rec["dynamo"] = step("dynamo_explain", graph_breaks, qat, calib[0])
     others = [r for r in s.runtimes if r != "torch"]
-    # the weighted recipe with PT2E's activation-range estimator (X86InductorQuantizer's HistogramObserver)
-    # and empirical bias correction
+    # the weighted recipe with PT2E's activation-range search (X86InductorQuantizer's HistogramObserver's)
+    # on robust per-sample weights, and empirical bias correction
     weighted = dict(WEIGHTED_RECIPE)
     rec["weighted_recipe"] = weighted
     qat = _prepare(step, model, calib, "_weighted", **weighted) if others else None

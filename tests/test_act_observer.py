@@ -25,7 +25,7 @@ from torch.ao.quantization.observer import (
 
 import fxptqat as fq
 from fxptqat import meta
-from fxptqat.capture.qconfig import LogHistogramObserver
+from fxptqat.capture.qconfig import LogHistogramObserver, RobustHistogramObserver
 from fxptqat.config import ACT_OBSERVERS
 from fxptqat.fake_quantize import FakeQuantize
 from fxptqat.lowering import reference
@@ -34,7 +34,8 @@ from fxptqat.testing import traceable_models
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import examples, make_small_net  # noqa: E402
 
-OBSERVER_CLASS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver}
+OBSERVER_CLASS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver,
+                  "robust_histogram": RobustHistogramObserver}
 ALL = pytest.mark.parametrize("observer", ACT_OBSERVERS)
 
 
@@ -88,7 +89,7 @@ def _bn_net(seed: int) -> nn.Module:
 # -- config ---------------------------------------------------------------------------------------
 def test_default_and_choices():
     assert fq.QuantConfig().act_observer == "minmax"  # every README figure was measured with it
-    assert ACT_OBSERVERS == ("minmax", "histogram", "ao_histogram")
+    assert ACT_OBSERVERS == ("minmax", "histogram", "ao_histogram", "robust_histogram")
     for name in ACT_OBSERVERS:
         assert fq.QuantConfig(act_observer=name).act_observer == name
 
@@ -190,6 +191,7 @@ def test_histogram_lowers_the_output_error_of_small_networks():
         assert sum(h < m for h, m in zip(scales["histogram"], scales["minmax"], strict=True)) >= 2  # it clipped somewhere
     assert total["histogram"] < 0.93 * total["minmax"], total  # measured here: 0.88
     assert total["ao_histogram"] < 0.93 * total["minmax"], total
+    assert total["robust_histogram"] < 0.93 * total["minmax"], total
 
 
 # -- the observer itself ----------------------------------------------------------------------------
@@ -275,12 +277,124 @@ def test_log_histogram_is_order_independent_and_merges_exactly(seed, n, shift, s
     assert torch.equal(qm[0], qf[0]) and torch.equal(qm[1], qf[1])
 
 
-@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+@pytest.mark.parametrize("observer", ["minmax", "histogram", "robust_histogram"])
 def test_calibration_does_not_depend_on_batch_order(observer):
     data = _batches(4)
     a = _calibrated(make_small_net(), data, act_observer=observer)
     b = _calibrated(make_small_net(), data[::-1], act_observer=observer)
     _assert_same_qparams(_qparams(a), _qparams(b))
+
+
+# -- robust_histogram -------------------------------------------------------------------------------
+def _exploding(batches, factor=300.0):
+    """The same batches with one sample of each scaled by ``factor`` (a different one per batch)."""
+    out = []
+    for i, (x,) in enumerate(batches):
+        x = x.clone()
+        x[i % x.shape[0]] *= factor
+        out.append((x,))
+    return out
+
+
+def test_robust_histogram_counts_similar_samples_as_histogram_does():
+    g = torch.Generator().manual_seed(3)
+    for x in (torch.randn(8, 3, 5, 5, generator=g), torch.randn(1, 40, generator=g) * 1000, torch.randn(50, generator=g)):
+        robust, plain = RobustHistogramObserver(quant_min=0, quant_max=255), LogHistogramObserver(quant_min=0, quant_max=255)
+        robust(x)
+        plain(x)
+        assert robust.histogram.dtype == torch.float64
+        assert torch.equal(robust.histogram, plain.histogram.double())  # every weight 1 (a batch of one: too)
+        (s1, z1), (s2, z2) = robust.calculate_qparams(), plain.calculate_qparams()
+        assert torch.equal(s1, s2) and torch.equal(z1, z2)
+
+
+def test_robust_histogram_weights_samples_above_the_median_by_octaves():
+    x = torch.ones(4, 10)
+    x[2] *= 2.0  # mean square 4x the median: 2 octaves
+    x[3] *= 2.0**10  # 20 octaves
+    finite = torch.ones_like(x, dtype=torch.bool)
+    assert RobustHistogramObserver.sample_weights(x, finite).tolist() == [1.0, 1.0, 0.25, 2.0**-20]
+    obs = RobustHistogramObserver()
+    obs(x)
+    assert float(obs.histogram.sum()) == 20 + 10 * 0.25 + 10 * 2.0**-20  # exact
+    assert float(obs.max_val) == 2.0**10  # the range search still sees the exploding sample's values
+
+
+def test_robust_histogram_drops_non_finite_values_and_keeps_their_sample():
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    x[1, 0], x[2, 3] = float("nan"), float("inf")
+    obs = RobustHistogramObserver()
+    obs(x)
+    assert float(obs.histogram.sum()) <= 22 and float(obs.histogram.sum()) > 0
+    assert torch.isfinite(obs.min_val) and torch.isfinite(obs.max_val)
+    nothing = RobustHistogramObserver()
+    nothing(torch.full((2, 3), float("nan")))
+    assert float(nothing.histogram.sum()) == 0 and [float(v) for v in nothing.calculate_qparams()] == [1.0, 0.0]
+
+
+def test_robust_histogram_is_not_ruled_by_an_exploding_sample():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 6, 6, generator=g)
+    x[5] *= 1000.0
+    robust, plain = RobustHistogramObserver(quant_min=0, quant_max=255), LogHistogramObserver(quant_min=0, quant_max=255)
+    robust(x)
+    plain(x)
+
+    def relative_error(observer, sample):
+        scale, zp = observer.calculate_qparams()
+        q = torch.fake_quantize_per_tensor_affine(sample, float(scale), int(zp), 0, 255)
+        return float((q - sample).square().sum() / sample.square().sum())
+
+    typical = [relative_error(o, x[0]) for o in (robust, plain)]
+    assert typical[1] > 0.5  # the plain search keeps the exploding sample: the others round to ~zero
+    assert typical[0] < 0.01  # measured here: 2e-4
+    assert relative_error(robust, x[5]) < 1.0  # the exploding sample is clipped, not zeroed
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), batch=st.integers(1, 6), explode=st.floats(1, 1e4))
+def test_robust_histogram_is_order_independent_and_merges_exactly(seed, n, batch, explode):
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for i in range(n):
+        x = torch.randn(batch, int(torch.randint(1, 30, (1,), generator=g)), generator=g) * (i + 1)
+        x[int(torch.randint(0, batch, (1,), generator=g))] *= explode
+        xs.append(x)
+    forward, backward = RobustHistogramObserver(), RobustHistogramObserver()
+    for x in xs:
+        forward(x)
+    for x in reversed(xs):
+        backward(x)
+    assert torch.equal(forward.histogram, backward.histogram)
+    shards = [RobustHistogramObserver(), RobustHistogramObserver()]
+    for i, x in enumerate(xs):
+        shards[i % 2](x)
+    merged = RobustHistogramObserver()
+    merged.histogram.copy_(shards[0].histogram + shards[1].histogram)
+    merged.min_val.copy_(torch.minimum(shards[0].min_val, shards[1].min_val))
+    merged.max_val.copy_(torch.maximum(shards[0].max_val, shards[1].max_val))
+    assert torch.equal(merged.histogram, forward.histogram)
+    (sf, zf), (sb, zb), (sm, zm) = forward.calculate_qparams(), backward.calculate_qparams(), merged.calculate_qparams()
+    assert torch.equal(sf, sb) and torch.equal(zf, zb) and torch.equal(sf, sm) and torch.equal(zf, zm)
+    plain = LogHistogramObserver()
+    for x in xs:
+        plain(x)
+    assert float(forward.histogram.sum()) <= float(plain.histogram.sum())  # weights never above 1
+    assert float(forward.min_val) == float(plain.min_val) and float(forward.max_val) == float(plain.max_val)
+
+
+def test_robust_histogram_keeps_typical_images_when_calibration_has_exploding_ones():
+    g = torch.Generator().manual_seed(7)
+    calib = _exploding([(torch.randn(8, 3, 8, 8, generator=g),) for _ in range(4)], factor=500.0)
+    test = torch.randn(16, 3, 8, 8, generator=g)
+    cosines = {}
+    for name in ("histogram", "robust_histogram"):
+        model = _bn_net(0)
+        qat = _calibrated(model, calib, act_observer=name, quantized_ops="weighted")
+        with torch.no_grad():
+            cosines[name] = float(F.cosine_similarity(qat(test), model(test), dim=1).mean())
+    assert cosines["robust_histogram"] > 0.99, cosines
+    assert cosines["robust_histogram"] > cosines["histogram"] + 0.05, cosines
 
 
 # -- rollback, persistence ------------------------------------------------------------------------
@@ -331,7 +445,7 @@ def test_save_load_round_trip_keeps_qparams(observer, tmp_path):
             torch.testing.assert_close(loaded(x), qat(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("observer", ["histogram", "ao_histogram"])
+@pytest.mark.parametrize("observer", ["histogram", "ao_histogram", "robust_histogram"])
 def test_reference_lowering_uses_the_frozen_qparams(observer):
     data = _batches(2)
     qat = _calibrated(make_small_net(), data, act_observer=observer)
@@ -344,7 +458,7 @@ def test_reference_lowering_uses_the_frozen_qparams(observer):
 
 # -- properties over random models -------------------------------------------------------------------
 @settings(max_examples=examples(25), deadline=None)
-@given(pair=traceable_models(max_layers=4), observer=st.sampled_from(["histogram", "ao_histogram"]))
+@given(pair=traceable_models(max_layers=4), observer=st.sampled_from(["histogram", "ao_histogram", "robust_histogram"]))
 def test_properties_hold_with_histogram_observers(pair, observer):
     model, (x,) = pair
     g = torch.Generator().manual_seed(model.seed + 1)
@@ -392,6 +506,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         qat = fq.prepare(make_small_net(), shard[0], config=fq.QuantConfig(act_observer="histogram"))
         fq.calibrate(qat, shard)
         result["histogram"] = _qparams(qat)
+        # exploding samples, so that the robust weights are not all 1
+        qat = fq.prepare(make_small_net(), shard[0], config=fq.QuantConfig(act_observer="robust_histogram"))
+        fq.calibrate(qat, _exploding(data)[rank::WORLD])
+        result["robust_histogram"] = _qparams(qat)
         qat = fq.prepare(make_small_net(), shard[0], config=fq.QuantConfig(act_observer="ao_histogram"))
         before = {k: v.clone() for k, v in qat.state_dict().items()}
         try:
@@ -418,6 +536,14 @@ def test_distributed_histogram_equals_one_process_over_all_shards(ranks):
     single = _qparams(_calibrated(make_small_net(), _batches(4), act_observer="histogram"))
     for result in ranks:
         _assert_same_qparams(result["histogram"], single)
+
+
+def test_distributed_robust_histogram_equals_one_process_over_all_shards(ranks):
+    single = _calibrated(make_small_net(), _exploding(_batches(4)), act_observer="robust_histogram")
+    weights = [m.activation_post_process.histogram for m in _act_quantizers(single).values()]
+    assert any(bool((w != w.round()).any()) for w in weights)  # coverage: some sample was down-weighted
+    for result in ranks:
+        _assert_same_qparams(result["robust_histogram"], _qparams(single))
 
 
 def test_distributed_refuses_torch_histogram_observer_and_rolls_back(ranks):

@@ -33,7 +33,7 @@ from ..config import QuantConfig
 from ..fake_quantize import FakeQuantize
 
 __all__ = ["backend_config", "qconfig_mapping", "weight_fake_quant", "activation_fake_quant",
-           "LogHistogramObserver"]
+           "LogHistogramObserver", "RobustHistogramObserver"]
 
 _BACKENDS = {
     "x86": get_x86_backend_config,
@@ -169,8 +169,8 @@ class LogHistogramObserver(UniformQuantizationObserverBase):
         return (cdf[1:] - cdf[:-1]).clamp(min=0).float()
 
     def calculate_qparams(self):
-        weights = torch.arange(1, self.histogram.numel() + 1, device=self.histogram.device)
-        key = (float(self.min_val), float(self.max_val), int(self.histogram.sum()), int(self.histogram @ weights),
+        weights = torch.arange(1, self.histogram.numel() + 1, device=self.histogram.device, dtype=self.histogram.dtype)
+        key = (float(self.min_val), float(self.max_val), self.histogram.sum().item(), (self.histogram @ weights).item(),
                self.min_val.device)
         if self._qparams is None or self._qparams[0] != key:
             self._qparams = (key, self._search())
@@ -198,8 +198,63 @@ class LogHistogramObserver(UniformQuantizationObserverBase):
         return f"min_val={float(self.min_val)}, max_val={float(self.max_val)}, values={int(self.histogram.sum())}"
 
 
+class RobustHistogramObserver(LogHistogramObserver):
+    """:class:`LogHistogramObserver` whose L2 range search is not ruled by a few exploding samples.
+
+    The plain search minimises the squared quantization error summed over every value calibration
+    saw, so a sample (dim 0 of the observed tensor: the batch) whose activations are 100x the others'
+    carries 10,000x their weight: the range is stretched to hold it and the other samples round to a
+    few codes, or to zero (random-weight EfficientNets, and any network some inputs drive far out of
+    range). Here each sample of a batch whose mean square is above the batch's median one counts as
+    that median sample would: its values are counted with weight ``2**-k``, ``k`` its mean square's
+    ratio to the median's in octaves (rounded). Samples at or below the median keep weight 1, so a
+    batch of similar samples (or a batch of one) gives exactly ``LogHistogramObserver``'s counts.
+
+    Every count is an integer times a power of two, so the float64 sums are exact (the result does not
+    depend on the order of the batches, and torch.distributed ranks reduce it exactly) as long as one
+    bin's counts span fewer than 53 bits. It does depend on which samples share a batch: the median
+    is the batch's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.histogram = self.histogram.double()
+
+    def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
+        x = x_orig.detach().float().contiguous()
+        if x.numel() == 0:
+            return x_orig
+        samples = x.reshape(x.shape[0], -1) if x.dim() >= 2 else x.reshape(1, -1)
+        finite = torch.isfinite(samples)
+        if not bool(finite.any()):
+            return x_orig
+        values = samples[finite] if not bool(finite.all()) else samples.reshape(-1)
+        low, high = torch.aminmax(values)
+        self.min_val.copy_(torch.minimum(self.min_val, low))
+        self.max_val.copy_(torch.maximum(self.max_val, high))
+        weight = self.sample_weights(torch.where(finite, samples, 0.0), finite)
+        weight = weight[:, None].expand_as(samples)[finite] if not bool(finite.all()) else \
+            weight.repeat_interleave(samples.shape[1])
+        keys = (values.view(torch.int32) >> (32 - _KEY_BITS)) & ((1 << _KEY_BITS) - 1)
+        counts = torch.bincount(keys, weights=weight, minlength=1 << _KEY_BITS)
+        device = self.histogram.device
+        self.histogram.index_add_(0, _BIN_OF_KEY.to(device), (counts * _FINITE_KEY.to(counts.device)).to(device))
+        return x_orig
+
+    @staticmethod
+    def sample_weights(samples: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """Per row of ``samples`` (float64): ``2**-k``, k = round(log2(mean square / batch median)), k >= 0."""
+        energy = samples.double().square().sum(1) / finite.sum(1).clamp(min=1)
+        median = energy.median()
+        if samples.shape[0] < 2 or not float(median) > 0:
+            return torch.ones_like(energy)
+        octaves = torch.log2(energy / median).round().clamp(min=0)
+        return torch.exp2(-octaves)
+
+
 # QuantConfig.act_observer -> torch.ao observer class
-ACT_OBSERVERS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver}
+ACT_OBSERVERS = {"minmax": MinMaxObserver, "histogram": LogHistogramObserver, "ao_histogram": HistogramObserver,
+                 "robust_histogram": RobustHistogramObserver}
 
 
 def activation_fake_quant(config: QuantConfig):
