@@ -53,8 +53,12 @@ nothing the compiled code reads. What does change them -- training through the s
 between two evaluations, ``load_state_dict``, an observer -- writes in place and bumps their version
 counters, which each call compares (one sum, ~30 us for MobileNetV3's 514 tensors): on a change the
 graph is compiled again from the same FX graph with the current values (``int8_refrozen`` counter,
-logged), never run with stale constants. (Replacing a parameter by a new tensor object is not seen:
-call ``torch._dynamo.reset()``.) With ``drop_frozen_guards`` (the default) the backend removes those
+logged), never run with stale constants. A tensor replaced by a new object (``module.weight =
+nn.Parameter(...)``, ``load_state_dict(assign=True)``) has a fresh counter, and Dynamo passes the graph
+only its remaining inputs, so each call also checks that every module dict still holds the frozen
+object (resolved from Dynamo's sources when compiling): a replacement of the same shape and dtype is
+compiled in the same way, one of another shape raises ``LoweringError`` (call
+``torch._dynamo.reset()``). With ``drop_frozen_guards`` (the default) the backend removes those
 tensors' guards from the guard set Dynamo builds once it returns (``TracingContext``'s guard
 checkpoint), only when compiling under ``torch.no_grad()`` (grad mode stays guarded, so a call with
 gradients recompiles to the training path). The rest -- each module's type, ``training`` flag, hook
@@ -645,7 +649,11 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
     # observer): a tensor's version counter, shared with the detached alias the graph holds, only grows
     # (the graph's attributes: the inputs made constants here, detached aliases sharing the counters,
     # and those Dynamo itself made attributes when inductor's freezing was on while it traced)
-    frozen_tensors = [*gm.parameters(), *gm.buffers()]
+    frozen_named = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+    frozen_tensors, frozen_index = list(frozen_named.values()), {name: i for i, name in enumerate(frozen_named)}
+    # and where each came from (the module dict holding it), to see a tensor replaced by another
+    # object (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``): no version changes
+    owners = _frozen_owners(gm)
     pristine = _graph_copy(gm)
     compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)
     state = {"compiled": compiled, "version": _version_sum(frozen_tensors), "refrozen": None}
@@ -661,6 +669,11 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
         # now constants); a caller holding the original signature passes all of them
         if len(args) == n_inputs and n_inputs != len(keep):
             args = [args[i] for i in keep]
+        if owners is not None and not owners.unchanged():
+            replaced = owners.rebind(pristine, frozen_tensors, frozen_index)
+            log.info("backend='fxptqat': %d frozen tensor(s) replaced by new objects since the INT8 graph was "
+                     "compiled (%s); compiling it again with them", len(replaced), ", ".join(replaced[:3]))
+            state["version"] = None  # forces the refreeze below
         version = _version_sum(frozen_tensors)
         if version == state["version"] and state["refrozen"] is None:
             return state["compiled"](*args)  # aot_autograd's forward binds the frozen parameters itself
@@ -680,6 +693,71 @@ def _compile_int8(gm: fx.GraphModule, example_inputs: Sequence, inductor: dict, 
                 state["refrozen"][key] = compile_fx(_graph_copy(pristine), list(args), config_patches=patches)
         return state["refrozen"][key](*args)
     return run
+
+
+class _FrozenOwners:
+    """For the INT8 graph's frozen attributes: the module dict (``_parameters`` / ``_buffers``) and
+    key each was read from, and the tensor object there at compile time. Dynamo passes the compiled
+    graph only its remaining inputs, so a parameter replaced by a new object is seen only here."""
+
+    def __init__(self, entries: list[tuple[str, dict, str, torch.Tensor, str]]) -> None:
+        self.names = [e[0] for e in entries]
+        self.dicts = [e[1] for e in entries]
+        self.keys = [e[2] for e in entries]
+        self.tensors = [e[3] for e in entries]
+        self.labels = [e[4] for e in entries]
+
+    def unchanged(self) -> bool:
+        return all(map(operator.is_, map(dict.get, self.dicts, self.keys), self.tensors))
+
+    def rebind(self, pristine: fx.GraphModule, frozen_tensors: list, frozen_index: dict[str, int]) -> list[str]:
+        """Point ``pristine``'s attributes (and ``frozen_tensors``, by ``frozen_index``) at the new
+        objects; their labels."""
+        replaced = []
+        for i, (d, key, old) in enumerate(zip(self.dicts, self.keys, self.tensors, strict=True)):
+            new = d.get(key)
+            if new is old:
+                continue
+            if not isinstance(new, torch.Tensor) or (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+                what = "removed" if new is None else (f"replaced by {type(new).__name__}" if not isinstance(new, torch.Tensor)
+                                                      else f"replaced by a {tuple(new.shape)} {new.dtype} tensor on {new.device}")
+                raise LoweringError(
+                    f"backend='fxptqat': {self.labels[i]} (a {tuple(old.shape)} {old.dtype} tensor the INT8 graph froze) "
+                    f"was {what} after compiling; the compiled graph cannot take it. Call torch._dynamo.reset() "
+                    "(or compile the model again) after changing a model's structure.")
+            detached = new.detach()  # as _constant_module_state holds it
+            if hasattr(pristine, self.names[i]):  # (an attribute the graph no longer reads is not copied)
+                pristine.register_buffer(self.names[i], detached, persistent=False)
+            if self.names[i] in frozen_index:
+                frozen_tensors[frozen_index[self.names[i]]] = detached
+            self.tensors[i] = new
+            replaced.append(self.labels[i])
+        return replaced
+
+
+def _frozen_owners(gm: fx.GraphModule) -> _FrozenOwners | None:
+    """Resolve the Dynamo source of every frozen attribute of ``gm`` to its owning dict and key,
+    in the frame being compiled; None where Dynamo's internals do not allow it (then only in-place
+    changes are seen)."""
+    try:
+        from torch._dynamo.source import DictGetItemSource
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        scope_globals, scope_locals, cache = {"G": tx.f_globals}, {"L": tx.f_locals}, {}
+        entries = []
+        for name, source in (getattr(gm, "_param_name_to_source", None) or {}).items():
+            attr = getattr(gm, name, None)
+            if not isinstance(source, DictGetItemSource) or not isinstance(attr, torch.Tensor):
+                continue
+            owner = source.base.get_value(scope_globals, scope_locals, cache)
+            current = owner.get(source.index) if isinstance(owner, dict) else None
+            if isinstance(current, torch.Tensor) and current.data_ptr() == attr.data_ptr():
+                entries.append((name, owner, source.index, current, source.name))
+        return _FrozenOwners(entries)
+    except Exception as e:  # Dynamo's internals moved: in-place changes are still seen
+        log.info("backend='fxptqat': frozen tensors' owners not resolved (%s: %s)", type(e).__name__, e)
+        return None
 
 
 def _version_sum(tensors: list) -> int:

@@ -297,6 +297,52 @@ def test_int8_compiles_again_when_training_changed_the_frozen_weights(global_fre
         _train_between_evaluations()
 
 
+@pytest.mark.parametrize("global_freezing", [False, True])
+def test_int8_compiles_again_when_a_frozen_parameter_was_replaced_by_a_new_object(global_freezing):
+    """``module.weight = nn.Parameter(...)`` and ``load_state_dict(assign=True)`` put new tensor objects
+    in place of the ones the INT8 graph froze (their version counters start afresh, and Dynamo passes
+    the graph only its remaining inputs): the backend sees the replacement and compiles again with
+    them; one of another shape is refused with what to do. Also with inductor's freezing set globally."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=global_freezing):
+        _replace_between_evaluations()
+
+
+def _replace_between_evaluations():
+    qat, batches = _qat(weight_bits=7)
+    x = batches[0][0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(qat, backend="fxptqat")
+    qat.eval()
+    with torch.no_grad():
+        before = compiled(x)
+    conv = next(m for m in qat.modules() if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 4)
+    conv.weight = nn.Parameter(conv.weight.detach() * 0.5)
+    with torch.no_grad():
+        after, again, eager = compiled(x), compiled(x), qat(x)
+    assert not torch.allclose(after, before, atol=1e-3)  # the replacement moved the output
+    torch.testing.assert_close(after, eager, rtol=0, atol=1e-4)
+    torch.testing.assert_close(again, after, rtol=0, atol=0)
+    # one compile per change: ours (refrozen), or Dynamo's own where it guards the attributes it froze
+    compiles = lambda: counters["fxptqat"]["int8_refrozen"] + counters["fxptqat"]["int8_graphs"]  # noqa: E731
+    assert compiles() == 2
+    if not torch._inductor.config.freezing:
+        assert counters["fxptqat"]["int8_refrozen"] == 1
+    state = {k: v * 0.25 if k.endswith("weight") else v.clone() for k, v in qat.state_dict().items()}
+    qat.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), qat(x), rtol=0, atol=1e-4)
+    assert compiles() == 3
+    if torch._inductor.config.freezing:
+        return  # Dynamo traces a new shape again itself there (this model then fails as eager does)
+    conv.weight = nn.Parameter(conv.weight.detach()[:, :, :2, :2].contiguous())
+    with torch.no_grad(), pytest.raises(fq.LoweringError, match=r"torch._dynamo.reset\(\)"):
+        compiled(x)
+    torch._dynamo.reset()
+
+
 def _train_between_evaluations():
     qat, batches = _qat(weight_bits=7)
     x = batches[0][0]
