@@ -3,7 +3,8 @@
 When a process group is initialized, ``calibrate`` and ``measure_error`` call these so that N ranks
 on disjoint shards end with the same quantizer parameters and the same report as one process over
 all shards, on every rank. Min/max observers reduce exactly (MIN/MAX), and so do
-``act_observer="histogram"``'s observers (integer counts on a fixed grid: SUM; min/max: MIN/MAX);
+``act_observer="histogram"``'s observers (integer counts on a fixed grid: SUM; min/max: MIN/MAX) and
+``"robust_histogram"``'s (integers times powers of two in float64: SUM, exact);
 error sums reduce with SUM in float64, so the report matches a single process up to summation
 order. torch.ao's ``HistogramObserver`` (``act_observer="ao_histogram"``) has no exact reduction:
 calibration refuses it under torch.distributed.
