@@ -10,7 +10,8 @@ and declares in ``REQUIRES`` the graph it acts on:
     float_readers, collapse_requantize, drop_output_quantizers, fit_observers_to_clamps (all still inside capture), freeze_quantizers
     (calibration), mark_trainable (selection).
 ``"int8"`` -- a lowered graph (``fxptqat/lowering``): the torch.ao INT8 module or its reference graph:
-    snap_weights, clamp_int_weights, float_scalar_ops, drop_noop_clamps, replace_quantized_prelu, pack_with_engine.
+    snap_weights, clamp_int_weights, float_scalar_ops, drop_noop_clamps, replace_quantized_prelu, pack_with_engine,
+    explicit_ceil_pooling (on the copy of the reference graph that inductor compiles).
 
 Passes never call passes; the library's steps compose them.
 """

@@ -13,12 +13,15 @@ calls (compilation happens at a call), so the process's other compiled models ke
 
 from __future__ import annotations
 
+import copy
 import io
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.ao.nn.quantized.reference.modules.utils import ReferenceQuantizedModule
+
+from fxptqat.passes.explicit_ceil_pooling import explicit_ceil_pooling
 
 from ..config import QuantConfig
 from ..errors import LoweringError
@@ -42,8 +45,13 @@ class InductorModule(nn.Module):
     def __init__(self, reference: fx.GraphModule) -> None:
         super().__init__()
         self.reference = reference.eval()
-        # not a submodule: the compiled wrapper holds ``reference`` again
-        self.__dict__["compiled"] = torch.compile(reference, backend="inductor", dynamic=False)
+        # inductor compiles a copy in which its int8 max-pool pattern cannot drop ceil_mode
+        # (passes/explicit_ceil_pooling.py); ``reference`` keeps the graph check_parity compares
+        compiled = copy.deepcopy(reference)
+        if not explicit_ceil_pooling(compiled).modified:
+            compiled = reference
+        # not a submodule: the compiled wrapper holds the graph again
+        self.__dict__["compiled"] = torch.compile(compiled, backend="inductor", dynamic=False)
 
     def forward(self, *args):
         with torch._inductor.config.patch(freezing=True), torch.no_grad():
