@@ -32,6 +32,11 @@ import zoo  # noqa: E402
 import zoo_models  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The last change to what check_parity judges (or to a runtime's lowering it judges): a parity cell from
+# a run started before it was judged by the earlier check, and the summary counts those apart.
+CHECK_CHANGED = ("Wed Dec  2 02:12:00 2026", "761f023: float outputs' tolerance is the root-sum-square of one step "
+                 "per input of the last layer, not all in the worst direction; inductor's ceil-mode int8 max pools "
+                 "fixed (passes/explicit_ceil_pooling.py)")
 
 
 def _started(meta: dict) -> datetime.datetime:
@@ -170,6 +175,13 @@ def markdown(records: dict[str, dict], expected: list[str] | None) -> str:
                              for g, n, p in sorted(ill, key=lambda t: t[1])) + ".")
         if unknown:
             lines.append(f"- Without a conditioning figure: {', '.join(unknown)}.")
+    since = datetime.datetime.strptime(CHECK_CHANGED[0], "%a %b %d %H:%M:%S %Y")
+    traced = [n for n in names if records[n]["traced"]]
+    current = {rt: sum(1 for n in traced if rt in records[n]["runtimes"] and _started(
+        records[n].get("filled", {}).get(rt, records[n]["run"])) >= since) for rt in zoo.RUNTIMES}
+    lines.append(f"- Parity cells judged by the current check (runs started after {CHECK_CHANGED[1]}): "
+                 + ", ".join(f"{rt} {k}/{len(traced)}" for rt, k in current.items())
+                 + "; the others by the earlier, looser one.")
     filled = collections.Counter(rt for n in names for rt in records[n].get("filled", {}))
     if filled:
         lines.append("- Cells marked * come from the newest earlier run of that model that measured them (its newest run "

@@ -309,7 +309,8 @@ def test_int8_compiles_again_when_a_frozen_parameter_was_replaced_by_a_new_objec
         _replace_between_evaluations()
 
 
-def _replace_between_evaluations():
+def _compiled_and_evaluated():
+    """A W7 QAT graph compiled with the backend and called once in eval mode under no_grad."""
     qat, batches = _qat(weight_bits=7)
     x = batches[0][0]
     torch._dynamo.reset()
@@ -318,6 +319,11 @@ def _replace_between_evaluations():
     qat.eval()
     with torch.no_grad():
         before = compiled(x)
+    return qat, batches, x, compiled, before
+
+
+def _replace_between_evaluations():
+    qat, batches, x, compiled, before = _compiled_and_evaluated()
     conv = next(m for m in qat.modules() if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 4)
     conv.weight = nn.Parameter(conv.weight.detach() * 0.5)
     with torch.no_grad():
@@ -344,14 +350,8 @@ def _replace_between_evaluations():
 
 
 def _train_between_evaluations():
-    qat, batches = _qat(weight_bits=7)
-    x = batches[0][0]
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(qat, backend="fxptqat")
-    qat.eval()
+    qat, batches, x, compiled, before = _compiled_and_evaluated()
     with torch.no_grad():
-        before = compiled(x)
         compiled(x)
     assert counters["fxptqat"]["int8_graphs"] == 1 and not counters["fxptqat"]["int8_refrozen"]
     qat.train()

@@ -149,3 +149,15 @@ def test_logit_norm_spread_flags_a_chaotic_reference(summary):
     assert spread["images"] == 8 and spread["max_over_median"] == pytest.approx(1000.0)
     assert spread["ill_conditioned"] is True
     assert zoo_models.logit_norm_spread(torch.nn.Flatten(), batches)["ill_conditioned"] is False
+
+
+def test_parity_cells_judged_before_the_last_check_change_are_counted_apart(summary, tmp_path):
+    # resnet18: every runtime measured after the change; vgg11: onnxruntime after it, the rest filled
+    # in from a run before it
+    _run_file(tmp_path / "zoo_old.json", "Mon Nov 30 09:04:51 2026", "aaa", [_record("vgg11")])
+    new = _record("vgg11")
+    new["runtimes"] = {"onnxruntime": new["runtimes"]["onnxruntime"]}
+    _run_file(tmp_path / "zoo_new.json", "Thu Dec  3 04:00:00 2026", "bbb", [_record("resnet18"), new],
+              runtimes=("onnxruntime",))
+    text = summary.markdown(summary.newest_records(tmp_path), expected=None)
+    assert "torch 1/2, onnxruntime 2/2, inductor 1/2; the others by the earlier, looser one" in text

@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx.passes.infra.pass_base import PassResult
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.fx.passes.infra.pass_base import PassResult
 
 import fxptqat as fq
 import fxptqat.lowering.inductor as inductor_lowering
