@@ -58,7 +58,9 @@ nn.Parameter(...)``, ``load_state_dict(assign=True)``) has a fresh counter, and 
 only its remaining inputs, so each call also checks that every module dict still holds the frozen
 object (resolved from Dynamo's sources when compiling): a replacement of the same shape and dtype is
 compiled in the same way, one of another shape raises ``LoweringError`` (call
-``torch._dynamo.reset()``). With ``drop_frozen_guards`` (the default) the backend removes those
+``torch._dynamo.reset()``). That check costs 21-27 us alone for MobileNetV3-Small's 514 tensors, and
+measured 2.0% and 3.3% of its INT8 call in two runs (batch 32, 64 px, 2 threads, 300 interleaved calls
+with and without it, ``/tmp`` script of session 19): it touches every owning dict while cold. With ``drop_frozen_guards`` (the default) the backend removes those
 tensors' guards from the guard set Dynamo builds once it returns (``TracingContext``'s guard
 checkpoint), only when compiling under ``torch.no_grad()`` (grad mode stays guarded, so a call with
 gradients recompiles to the training path). The rest -- each module's type, ``training`` flag, hook
